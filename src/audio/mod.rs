@@ -1,0 +1,1 @@
+//! Audio: capture and playback threads, rings, earcons, backends. (in progress)

@@ -1,0 +1,1 @@
+//! The conversation policy core (sans-IO). (in progress)

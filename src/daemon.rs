@@ -1,0 +1,1 @@
+//! The daemon: builds the parts and runs the loop. (in progress)

@@ -1,0 +1,1 @@
+//! evdev ioctls for the button (EVIOCGKEY, EVIOCGRAB, EVIOCGBIT, EVIOCGNAME).
