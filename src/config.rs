@@ -34,6 +34,8 @@ pub struct RealtimeConfig {
     pub transcription_model: String,
     /// Extra PEM trust anchor(s), added to the webpki roots.
     pub ca_file: String,
+    /// walkie pings the server this often; a socket silent for two intervals is dead.
+    pub ping_interval_ms: u64,
 }
 
 impl Default for RealtimeConfig {
@@ -47,6 +49,7 @@ impl Default for RealtimeConfig {
             instructions: String::new(),
             transcription_model: "gpt-4o-mini-transcribe".into(),
             ca_file: String::new(),
+            ping_interval_ms: 15_000,
         }
     }
 }
