@@ -26,3 +26,4 @@ pub mod state;
 pub mod sys;
 pub mod tasks;
 pub mod tools;
+pub mod voice;
