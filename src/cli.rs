@@ -1,7 +1,289 @@
-//! Command-line parsing and dispatch. (in progress)
+//! Command-line parsing and dispatch (DESIGN.md §3). Exit codes: 0 ok, 1 runtime failure,
+//! 2 usage or config error, 3 daemon not reachable.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::control::{Request, client};
+use crate::paths::Paths;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+const USAGE: &str = "\
+walkie — push-to-talk voice front end for coding agents
+
+usage:
+  walkie run [--config FILE] [--trace FILE]       the daemon, in the foreground
+  walkie ctl status [--json]                       link, audio, button, task counts, uptime
+  walkie ctl tasks [--json]                        the task registry
+  walkie ctl start [--name NAME] [--project P] PROMPT...
+  walkie ctl continue NAME PROMPT...               follow-up in the task's agent session
+  walkie ctl cancel NAME                           interrupt a task and all its descendants
+  walkie ctl result NAME [--json]                  a finished task's summary and details
+  walkie ctl logs NAME [--follow]                  a task's agent output
+  walkie ctl events [--json]                       task events as they happen
+  walkie ctl say TEXT...                           a typed user turn
+  walkie ctl transcript [--json]                   the recent conversation
+  walkie ctl press | release                       the push-to-talk button, from software
+  walkie doctor [--config FILE]                    checks the setup, one line each
+  walkie devices                                   ALSA PCMs and input devices
+  walkie config check [FILE] | walkie config example
+
+exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 daemon not reachable
+";
+
+/// A usage error: printed with a hint, exit code 2.
+#[derive(Debug, PartialEq)]
+struct Usage(String);
+
+fn usage(msg: impl Into<String>) -> Usage {
+    Usage(msg.into())
+}
 
 /// Runs the command line `args` (without the program name); returns the exit code.
-pub fn main(_args: Vec<std::ffi::OsString>) -> i32 {
+pub fn main(args: Vec<OsString>) -> i32 {
     crate::logging::init();
-    2
+    let args: Vec<String> = match args.into_iter().map(|a| a.into_string()).collect() {
+        Ok(a) => a,
+        Err(bad) => {
+            eprintln!("walkie: argument is not valid UTF-8: {bad:?}");
+            return EXIT_USAGE;
+        }
+    };
+    match dispatch(&args) {
+        Ok(code) => code,
+        Err(Usage(msg)) => {
+            eprintln!("walkie: {msg}\nrun `walkie --help` for usage");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<i32, Usage> {
+    let Some((cmd, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return Ok(EXIT_USAGE);
+    };
+    match cmd.as_str() {
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(EXIT_OK)
+        }
+        "-V" | "--version" => {
+            println!("walkie {}", env!("CARGO_PKG_VERSION"));
+            Ok(EXIT_OK)
+        }
+        "run" => {
+            let mut opts = Opts::parse(rest, &["--config", "--trace"], &[])?;
+            opts.no_positionals()?;
+            let config_path = opts.value("--config").map(PathBuf::from);
+            let trace = opts.value("--trace").map(PathBuf::from);
+            Ok(crate::daemon::run(config_path, trace))
+        }
+        "ctl" => ctl(rest),
+        "config" => config_cmd(rest),
+        "doctor" => {
+            let mut opts = Opts::parse(rest, &["--config"], &[])?;
+            opts.no_positionals()?;
+            Ok(crate::daemon::doctor(opts.value("--config").map(PathBuf::from)))
+        }
+        "devices" => {
+            Opts::parse(rest, &[], &[])?.no_positionals()?;
+            Ok(crate::daemon::devices())
+        }
+        other => Err(usage(format!("unknown command \"{other}\""))),
+    }
+}
+
+fn config_cmd(rest: &[String]) -> Result<i32, Usage> {
+    match rest.split_first() {
+        Some((sub, more)) if sub == "check" => {
+            let opts = Opts::parse(more, &[], &[])?;
+            if opts.positionals.len() > 1 {
+                return Err(usage("config check takes at most one FILE"));
+            }
+            let paths = Paths::from_env();
+            let source = Config::locate(opts.positionals.first().map(PathBuf::from).as_deref(), &paths);
+            match Config::load_source(&source) {
+                Ok(_) => {
+                    match source {
+                        crate::config::ConfigSource::File(p) => println!("{}: ok", p.display()),
+                        crate::config::ConfigSource::Defaults => {
+                            println!("no configuration file ({}): the defaults are used", paths.config_file.display())
+                        }
+                    }
+                    Ok(EXIT_OK)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(EXIT_USAGE)
+                }
+            }
+        }
+        Some((sub, more)) if sub == "example" => {
+            Opts::parse(more, &[], &[])?.no_positionals()?;
+            print!("{}", crate::config::EXAMPLE);
+            Ok(EXIT_OK)
+        }
+        Some((sub, _)) => Err(usage(format!("unknown config command \"{sub}\" (check, example)"))),
+        None => Err(usage("config needs a command: check or example")),
+    }
+}
+
+fn ctl(rest: &[String]) -> Result<i32, Usage> {
+    let Some((sub, more)) = rest.split_first() else {
+        return Err(usage("ctl needs a command (status, tasks, start, …)"));
+    };
+    let words = |opts: &Opts, what: &str| -> Result<String, Usage> {
+        let text = opts.positionals.join(" ");
+        if text.trim().is_empty() { Err(usage(format!("ctl {sub} needs {what}"))) } else { Ok(text) }
+    };
+    let one_name = |opts: &Opts| -> Result<String, Usage> {
+        match opts.positionals.as_slice() {
+            [name] => Ok(name.clone()),
+            [] => Err(usage(format!("ctl {sub} needs a task NAME"))),
+            _ => Err(usage(format!("ctl {sub} takes one task NAME (quote a name with spaces)"))),
+        }
+    };
+    let (request, json) = match sub.as_str() {
+        "status" | "tasks" | "transcript" | "events" => {
+            let opts = Opts::parse(more, &[], &["--json"])?;
+            opts.no_positionals()?;
+            let req = match sub.as_str() {
+                "status" => Request::Status,
+                "tasks" => Request::Tasks,
+                "events" => Request::Events,
+                _ => Request::Transcript,
+            };
+            (req, opts.flag("--json"))
+        }
+        "start" => {
+            let opts = Opts::parse(more, &["--name", "--project"], &[])?;
+            let req = Request::Start {
+                prompt: words(&opts, "a PROMPT")?,
+                name: opts.value("--name").map(str::to_string),
+                project: opts.value("--project").map(str::to_string),
+            };
+            (req, false)
+        }
+        "continue" => {
+            let opts = Opts::parse(more, &[], &[])?;
+            let Some((name, prompt)) = opts.positionals.split_first() else {
+                return Err(usage("ctl continue needs NAME and PROMPT"));
+            };
+            let prompt = prompt.join(" ");
+            if prompt.trim().is_empty() {
+                return Err(usage("ctl continue needs a PROMPT after the NAME"));
+            }
+            (Request::Continue { name: name.clone(), prompt }, false)
+        }
+        "cancel" => (Request::Cancel { name: one_name(&Opts::parse(more, &[], &[])?)? }, false),
+        "result" => {
+            let opts = Opts::parse(more, &[], &["--json"])?;
+            (Request::Result { name: one_name(&opts)? }, opts.flag("--json"))
+        }
+        "logs" => {
+            let opts = Opts::parse(more, &[], &["--follow", "-f"])?;
+            let follow = opts.flag("--follow") || opts.flag("-f");
+            (Request::Logs { name: one_name(&opts)?, follow }, false)
+        }
+        "say" => (Request::Say { text: words(&Opts::parse(more, &[], &[])?, "TEXT")? }, false),
+        "press" | "release" => {
+            Opts::parse(more, &[], &[])?.no_positionals()?;
+            (if sub == "press" { Request::Press } else { Request::Release }, false)
+        }
+        other => return Err(usage(format!("unknown ctl command \"{other}\""))),
+    };
+    let socket = Paths::from_env().control_socket();
+    Ok(client::run(&socket, &request, json))
+}
+
+/// Options (`--key VALUE`, `--key=VALUE`, flags) and positionals; `--` ends options.
+#[derive(Debug, Default)]
+struct Opts {
+    values: Vec<(String, String)>,
+    flags: Vec<String>,
+    positionals: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: &[String], with_value: &[&str], flags: &[&str]) -> Result<Opts, Usage> {
+        let mut opts = Opts::default();
+        let mut it = args.iter();
+        let mut only_positionals = false;
+        while let Some(arg) = it.next() {
+            if only_positionals || !arg.starts_with('-') || arg == "-" {
+                opts.positionals.push(arg.clone());
+                continue;
+            }
+            if arg == "--" {
+                only_positionals = true;
+                continue;
+            }
+            let (key, inline) = match arg.split_once('=') {
+                Some((k, v)) => (k, Some(v.to_string())),
+                None => (arg.as_str(), None),
+            };
+            if with_value.contains(&key) {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it.next().cloned().ok_or_else(|| usage(format!("{key} needs a value")))?,
+                };
+                opts.values.push((key.to_string(), value));
+            } else if flags.contains(&key) && inline.is_none() {
+                opts.flags.push(key.to_string());
+            } else {
+                return Err(usage(format!("unknown option \"{arg}\"")));
+            }
+        }
+        Ok(opts)
+    }
+
+    fn value(&self, key: &str) -> Option<&str> {
+        self.values.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.flags.iter().any(|f| f == key)
+    }
+
+    fn no_positionals(&mut self) -> Result<(), Usage> {
+        match self.positionals.first() {
+            Some(p) => Err(usage(format!("unexpected argument \"{p}\""))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_values_flags_and_positionals() {
+        let o = Opts::parse(&v(&["--name", "x", "fix", "--", "--not-an-option"]), &["--name"], &[]).unwrap();
+        assert_eq!(o.value("--name"), Some("x"));
+        assert_eq!(o.positionals, v(&["fix", "--not-an-option"]));
+        let o = Opts::parse(&v(&["--project=web", "a"]), &["--project"], &[]).unwrap();
+        assert_eq!(o.value("--project"), Some("web"));
+        assert!(Opts::parse(&v(&["--bogus"]), &[], &[]).unwrap_err().0.contains("--bogus"));
+        assert!(Opts::parse(&v(&["--name"]), &["--name"], &[]).unwrap_err().0.contains("needs a value"));
+        assert!(Opts::parse(&v(&["--json=1"]), &[], &["--json"]).is_err());
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        assert_eq!(main(vec!["frobnicate".into()]), EXIT_USAGE);
+        assert_eq!(main(vec!["ctl".into(), "start".into()]), EXIT_USAGE);
+        assert_eq!(main(vec!["ctl".into(), "cancel".into(), "a".into(), "b".into()]), EXIT_USAGE);
+        assert_eq!(main(vec!["run".into(), "extra".into()]), EXIT_USAGE);
+        assert_eq!(main(vec!["--version".into()]), EXIT_OK);
+    }
 }

@@ -1,7 +1,8 @@
 //! The poll loop's plumbing: the `mio::Poll`, the token space, the waker, and a deadline heap.
 //!
 //! Fixed tokens name the singletons (signals, waker, control listener, link, button);
-//! dynamic tokens from [`Reactor::alloc_token`] name per-connection and per-task fds. Each
+//! dynamic tokens come from each owner's [`TokenPool`] range (control connections, task
+//! pipes), so the daemon dispatches an event by the range its token falls in. Each
 //! fd-owning module registers its own source and derives its interest from its state; the
 //! daemon only dispatches. Time is an input: components report their next deadline and the
 //! loop polls with the earliest one.
@@ -24,15 +25,45 @@ pub const CONTROL: Token = Token(2);
 pub const LINK: Token = Token(3);
 /// The button fd.
 pub const BUTTON: Token = Token(4);
-/// First token handed out by [`Reactor::alloc_token`].
-pub const FIRST_DYNAMIC: usize = 64;
+/// Control socket connections: `CONTROL_CLIENTS..TASK_PIPES`.
+pub const CONTROL_CLIENTS: usize = 1 << 20;
+/// Agent stdout/stderr pipes: `TASK_PIPES..`.
+pub const TASK_PIPES: usize = 1 << 24;
+
+/// Tokens for one owner's dynamic fds, from its own range so the daemon can dispatch by range.
+#[derive(Debug)]
+pub struct TokenPool {
+    next: usize,
+    end: usize,
+    free: Vec<usize>,
+}
+
+impl TokenPool {
+    pub fn new(start: usize, end: usize) -> TokenPool {
+        TokenPool { next: start, end, free: Vec::new() }
+    }
+
+    /// A token not in use; give it back with [`TokenPool::release`] after deregistering.
+    pub fn take(&mut self) -> Option<Token> {
+        if let Some(t) = self.free.pop() {
+            return Some(Token(t));
+        }
+        if self.next >= self.end {
+            return None;
+        }
+        self.next += 1;
+        Some(Token(self.next - 1))
+    }
+
+    pub fn release(&mut self, token: Token) {
+        self.free.push(token.0);
+    }
+}
 
 pub struct Reactor {
     poll: Poll,
     events: Events,
     waker: Arc<Waker>,
-    next_token: usize,
-    free_tokens: Vec<usize>,
 }
 
 impl Reactor {
@@ -43,8 +74,6 @@ impl Reactor {
             poll,
             events: Events::with_capacity(256),
             waker,
-            next_token: FIRST_DYNAMIC,
-            free_tokens: Vec::new(),
         })
     }
 
@@ -55,21 +84,6 @@ impl Reactor {
     /// A handle other threads use to wake the loop.
     pub fn waker(&self) -> Arc<Waker> {
         Arc::clone(&self.waker)
-    }
-
-    /// A token not in use; give it back with [`Reactor::free_token`] after deregistering.
-    pub fn alloc_token(&mut self) -> Token {
-        if let Some(t) = self.free_tokens.pop() {
-            return Token(t);
-        }
-        self.next_token += 1;
-        Token(self.next_token - 1)
-    }
-
-    pub fn free_token(&mut self, token: Token) {
-        if token.0 >= FIRST_DYNAMIC {
-            self.free_tokens.push(token.0);
-        }
     }
 
     /// Waits for readiness until `deadline` (or forever when `None`); `EINTR` is a
@@ -161,15 +175,14 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_reused_after_free() {
-        let mut r = Reactor::new().unwrap();
-        let a = r.alloc_token();
-        let b = r.alloc_token();
-        assert_ne!(a, b);
-        r.free_token(a);
-        assert_eq!(r.alloc_token(), a);
-        r.free_token(SIGNALS); // fixed tokens are never recycled
-        assert_ne!(r.alloc_token(), SIGNALS);
+    fn token_pools_reuse_and_stay_in_range() {
+        let mut pool = TokenPool::new(10, 12);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert_eq!((a, b), (Token(10), Token(11)));
+        assert_eq!(pool.take(), None, "range exhausted");
+        pool.release(a);
+        assert_eq!(pool.take(), Some(a));
     }
 
     #[test]

@@ -4,3 +4,4 @@
 pub mod events;
 pub mod link;
 pub mod tls;
+pub mod trace;

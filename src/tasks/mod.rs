@@ -4,3 +4,10 @@
 pub mod names;
 pub mod redact;
 pub mod stream;
+pub mod engine;
+pub mod output;
+pub mod proc;
+pub mod record;
+
+pub use engine::{EngineSettings, TaskEngine, TaskError, TaskEvent};
+pub use record::{TaskRecord, TaskState};

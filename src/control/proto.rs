@@ -1,0 +1,87 @@
+//! The control protocol: one JSON request per line, one JSON reply per line
+//! (`{"ok":true,...}` or `{"ok":false,"error":"..."}`); streaming commands (`logs` with
+//! `follow`, `events`) send several reply lines and end with `{"ok":true,"end":true,...}`.
+
+use serde::{Deserialize, Serialize};
+
+/// A request. `cmd` names the variant; unknown commands and fields are refused with a
+/// message naming them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Tasks,
+    Start {
+        prompt: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        project: Option<String>,
+    },
+    Continue { name: String, prompt: String },
+    Cancel { name: String },
+    Result { name: String },
+    Logs {
+        name: String,
+        #[serde(default)]
+        follow: bool,
+    },
+    Say { text: String },
+    Press,
+    Release,
+    /// Streams task events (started, finished) until the client disconnects.
+    Events,
+    Transcript,
+}
+
+/// Parses one request line; the error is the message sent back to the client.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("request is not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("request must be a JSON object with a \"cmd\" field".into());
+    }
+    match value.get("cmd") {
+        None => return Err("request has no \"cmd\" field".into()),
+        Some(serde_json::Value::String(_)) => {}
+        Some(_) => return Err("\"cmd\" must be a string".into()),
+    }
+    serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
+}
+
+/// `{"ok":false,"error":msg}`
+pub fn error_reply(msg: impl Into<String>) -> serde_json::Value {
+    serde_json::json!({"ok": false, "error": msg.into()})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests_and_explains_bad_ones() {
+        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"cmd":"start","prompt":"fix it","name":"fix"}"#),
+            Ok(Request::Start { prompt: "fix it".into(), name: Some("fix".into()), project: None })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"logs","name":"x"}"#),
+            Ok(Request::Logs { name: "x".into(), follow: false })
+        );
+        for (bad, needle) in [
+            (&b"not json"[..], "not JSON"),
+            (b"[1,2]", "JSON object"),
+            (b"{}", "no \"cmd\""),
+            (br#"{"cmd":7}"#, "must be a string"),
+            (br#"{"cmd":"explode"}"#, "explode"),
+            (br#"{"cmd":"start"}"#, "prompt"),
+            (br#"{"cmd":"status","extra":1}"#, "extra"),
+            (b"\xff\xfe", "UTF-8"),
+        ] {
+            let err = parse_request(bad).unwrap_err();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+    }
+}

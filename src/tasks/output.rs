@@ -1,0 +1,183 @@
+//! A task's agent output, kept bounded: a tail in memory and capped files on disk.
+//!
+//! On disk, `$XDG_STATE_HOME/walkie/tasks/<name>/` holds `stdout.jsonl` (the raw stream),
+//! `stderr.log`, and `log.txt` (the human-readable rendering `walkie ctl logs` prints). Each
+//! file rotates once to `<file>.1` when it reaches its cap, so a task never uses more than
+//! twice the cap per file however much it prints. Write errors (disk full) are reported once
+//! and then the file is skipped: a full disk must not stop the task or the daemon.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes of rendered output kept in memory per task.
+pub const TAIL_BYTES: usize = 64 * 1024;
+/// Per-file cap on disk before rotation.
+pub const FILE_CAP: u64 = 4 * 1024 * 1024;
+
+/// A byte-bounded tail of text.
+#[derive(Debug, Default)]
+pub struct Tail {
+    buf: VecDeque<u8>,
+    cap: usize,
+    /// Bytes ever pushed (lets followers know what they missed).
+    total: u64,
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Tail {
+        Tail { buf: VecDeque::new(), cap, total: 0 }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        let bytes = &bytes[bytes.len().saturating_sub(self.cap)..];
+        let overflow = (self.buf.len() + bytes.len()).saturating_sub(self.cap);
+        self.buf.drain(..overflow);
+        self.buf.extend(bytes);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The tail as text, starting at a line boundary when it was cut.
+    pub fn text(&self) -> String {
+        let (a, b) = self.buf.as_slices();
+        let mut v = Vec::with_capacity(self.buf.len());
+        v.extend_from_slice(a);
+        v.extend_from_slice(b);
+        let start = if self.total > self.buf.len() as u64 {
+            v.iter().position(|&c| c == b'\n').map_or(0, |p| p + 1)
+        } else {
+            0
+        };
+        String::from_utf8_lossy(&v[start..]).into_owned()
+    }
+}
+
+/// An append-only file that rotates to `<path>.1` at `cap` bytes.
+#[derive(Debug)]
+pub struct CappedFile {
+    path: PathBuf,
+    file: Option<File>,
+    written: u64,
+    cap: u64,
+    failed: bool,
+}
+
+impl CappedFile {
+    pub fn open(path: PathBuf, cap: u64) -> CappedFile {
+        let mut f = CappedFile { path, file: None, written: 0, cap, failed: false };
+        f.reopen();
+        f
+    }
+
+    fn reopen(&mut self) {
+        match OpenOptions::new().create(true).append(true).open(&self.path) {
+            Ok(file) => {
+                self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
+                self.file = Some(file);
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        if !self.failed {
+            log::warn!("cannot write {}: {e}; output to it is dropped", self.path.display());
+        }
+        self.failed = true;
+        self.file = None;
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.failed {
+            return;
+        }
+        if self.written + bytes.len() as u64 > self.cap && self.written > 0 {
+            let rotated = rotated_path(&self.path);
+            self.file = None;
+            if let Err(e) = std::fs::rename(&self.path, &rotated) {
+                return self.fail(e);
+            }
+            self.reopen();
+        }
+        if let Some(file) = self.file.as_mut() {
+            match file.write_all(bytes) {
+                Ok(()) => self.written += bytes.len() as u64,
+                Err(e) => self.fail(e),
+            }
+        }
+    }
+}
+
+fn rotated_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".1");
+    PathBuf::from(s)
+}
+
+/// The last `max` bytes of a rotated file pair (`<path>.1` then `<path>`), for `ctl logs`
+/// of a task whose in-memory tail is gone (walkie restarted).
+pub fn read_tail(path: &Path, max: u64) -> io::Result<String> {
+    let mut out = Vec::new();
+    for p in [rotated_path(path), path.to_path_buf()] {
+        let Ok(mut f) = File::open(&p) else { continue };
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+        f.read_to_end(&mut out)?;
+    }
+    let cut = out.len().saturating_sub(max as usize);
+    let mut text = &out[cut..];
+    if cut > 0 {
+        if let Some(p) = text.iter().position(|&c| c == b'\n') {
+            text = &text[p + 1..];
+        }
+    }
+    Ok(String::from_utf8_lossy(text).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_bytes_from_a_line_start() {
+        let mut t = Tail::new(10);
+        t.push(b"first line\n");
+        t.push(b"ab\ncd\n");
+        assert_eq!(t.total(), 17);
+        assert_eq!(t.text(), "cd\n");
+        let mut small = Tail::new(100);
+        small.push(b"x\ny");
+        assert_eq!(small.text(), "x\ny");
+        let mut huge = Tail::new(4);
+        huge.push(&[b'z'; 1000]);
+        assert_eq!(huge.buf.len(), 4);
+    }
+
+    #[test]
+    fn capped_file_rotates_once_and_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.txt");
+        let mut f = CappedFile::open(path.clone(), 100);
+        for i in 0..100 {
+            f.write(format!("line {i:04}\n").as_bytes());
+        }
+        let main = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(rotated_path(&path)).unwrap().len();
+        assert!(main <= 100 && old <= 100, "{main} {old}");
+        let tail = read_tail(&path, 30).unwrap();
+        assert!(tail.ends_with("line 0099\n"), "{tail}");
+        assert!(tail.starts_with("line "), "starts at a line boundary: {tail}");
+    }
+
+    #[test]
+    fn unwritable_file_is_skipped_not_fatal() {
+        let mut f = CappedFile::open(PathBuf::from("/nonexistent-dir/x/log.txt"), 100);
+        f.write(b"hello");
+        assert!(f.failed);
+    }
+}
