@@ -1,1 +1,826 @@
-//! The daemon: builds the parts and runs the loop. (in progress)
+//! The daemon: builds the parts, runs the poll loop, dispatches events to their owners and
+//! carries out what the cores ask for.
+//!
+//! The loop owns every fd through [`Reactor`]; each part derives its own interest and
+//! reports its next deadline, and the loop sleeps until the earliest one. Inputs flow into
+//! the sans-IO conversation core, whose actions flow out to the link, the audio engine and
+//! the state file. Nothing here blocks: the only waits are `epoll_wait` itself.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::event::Event;
+use mio::Registry;
+use serde_json::{Value, json};
+
+use crate::audio::{Audio, AudioReport, AudioSettings};
+use crate::button::{Button, ButtonEvent};
+use crate::config::{Config, ConfigSource};
+use crate::control::server::Subscription;
+use crate::control::{ControlServer, Request, StartupError, proto};
+use crate::conversation::{Action, Completion, Conversation, ConversationSettings};
+use crate::paths::Paths;
+use crate::reactor::{self, Reactor};
+use crate::realtime::events::SessionSettings;
+use crate::realtime::link::{Link, LinkEvent, LinkSettings, LinkStatus};
+use crate::realtime::trace::Trace;
+use crate::signals::{SignalEvent, Signals};
+use crate::state::{self, StateFile, StateWriter};
+use crate::tasks::{EngineSettings, TaskEngine, TaskEvent, TaskState};
+use crate::tools::{self, ToolContext};
+
+/// Extra time after the agents' cancel grace before shutdown stops waiting for them.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+/// How often playback is looked at while speech plays (the conversation needs to know when
+/// it drained; the playback thread does not wake the loop for that).
+const PLAYBACK_POLL: Duration = Duration::from_millis(50);
+
+/// Runs the daemon in the foreground; returns the process exit code.
+pub fn run(config_path: Option<PathBuf>, trace_path: Option<PathBuf>) -> i32 {
+    // Before any thread exists, so every thread inherits the mask and signals arrive only
+    // through the signalfd.
+    if let Err(e) = crate::signals::block_signals() {
+        log::error!("cannot block signals: {e}");
+        return crate::cli::EXIT_FAILURE;
+    }
+    let started = Instant::now();
+    let paths = Paths::from_env();
+    let source = Config::locate(config_path.as_deref(), &paths);
+    let config = match Config::load_source(&source) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("walkie: {e}");
+            return crate::cli::EXIT_USAGE;
+        }
+    };
+    match Daemon::build(config, source, config_path, paths, trace_path, started) {
+        Ok(mut daemon) => match daemon.run_loop() {
+            Ok(()) => crate::cli::EXIT_OK,
+            Err(e) => {
+                log::error!("the poll loop failed: {e}");
+                crate::cli::EXIT_FAILURE
+            }
+        },
+        Err(BuildError::Usage(msg)) => {
+            eprintln!("walkie: {msg}");
+            crate::cli::EXIT_USAGE
+        }
+        Err(BuildError::Failure(msg)) => {
+            eprintln!("walkie: {msg}");
+            crate::cli::EXIT_FAILURE
+        }
+    }
+}
+
+enum BuildError {
+    Usage(String),
+    Failure(String),
+}
+
+struct Daemon {
+    reactor: Reactor,
+    signals: Signals,
+    control: ControlServer,
+    engine: TaskEngine,
+    conv: Conversation,
+    link: Option<Link>,
+    /// Why there is no link (disabled by configuration, no API key).
+    link_off: Option<(&'static str, String)>,
+    audio: Option<Audio>,
+    button: Button,
+    state: Option<StateWriter>,
+    trace: Option<Trace>,
+    config: Config,
+    config_path: Option<PathBuf>,
+    paths: Paths,
+    started: Instant,
+    shutdown_deadline: Option<Instant>,
+    state_dirty: bool,
+    capturing: bool,
+    samples: Vec<i16>,
+    ready: Vec<Event>,
+}
+
+impl Daemon {
+    fn build(
+        config: Config,
+        source: ConfigSource,
+        config_path: Option<PathBuf>,
+        paths: Paths,
+        trace_path: Option<PathBuf>,
+        started: Instant,
+    ) -> Result<Daemon, BuildError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| BuildError::Failure(format!("{what}: {e}"));
+        let control = ControlServer::bind(&paths.runtime_dir).map_err(|e| match e {
+            e @ StartupError::AlreadyRunning { .. } => BuildError::Failure(e.to_string()),
+            e => fail("cannot create the control socket", &e),
+        })?;
+        let button = Button::new(&config.button).map_err(|e| BuildError::Usage(format!("[button] {e}")))?;
+        // Orphaned descendants of agents (Claude's Bash tool runs commands in their own
+        // session) are re-parented to us, so they can be found, stopped and reaped.
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            log::warn!("cannot become a child subreaper ({e}): escaped agent descendants may linger");
+        }
+        let loaded = state::load(&paths.state_file()).map_err(|e| BuildError::Failure(e.to_string()))?;
+        let saved = match loaded {
+            state::Loaded::Fresh => StateFile::default(),
+            state::Loaded::Ok(s) => s,
+            state::Loaded::MovedAside { error, moved_to } => {
+                log::error!(
+                    "the state file was unreadable ({error}); it was moved to {} and walkie starts with an empty registry",
+                    moved_to.display()
+                );
+                StateFile::default()
+            }
+        };
+        let now = Instant::now();
+        let engine = TaskEngine::new(engine_settings(&config, &paths), saved.tasks, now);
+        let mut conv = Conversation::new(conversation_settings(&config));
+        conv.restore_transcript(saved.transcript);
+        let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
+        let mut signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
+        signals.register(reactor.registry(), reactor::SIGNALS).map_err(|e| fail("signalfd", &e))?;
+        let trace = match trace_path {
+            Some(p) => Some(Trace::create(&p, started).map_err(|e| fail(&format!("trace file {}", p.display()), &e))?),
+            None => None,
+        };
+        let state = StateWriter::start(paths.state_file()).map_err(|e| fail("cannot start the state writer", &e))?;
+        let (link, link_off) = build_link(&config, reactor.waker());
+        let audio = Some(Audio::start(AudioSettings::from_config(&config.audio), reactor.waker()));
+        let mut daemon = Daemon {
+            reactor,
+            signals,
+            control,
+            engine,
+            conv,
+            link,
+            link_off,
+            audio,
+            button,
+            state: Some(state),
+            trace,
+            config,
+            config_path,
+            paths,
+            started,
+            shutdown_deadline: None,
+            state_dirty: true,
+            capturing: false,
+            samples: Vec::with_capacity(24_000),
+            ready: Vec::with_capacity(256),
+        };
+        daemon.control.register(daemon.reactor.registry()).map_err(|e| fail("control socket", &e))?;
+        daemon.button.start(daemon.reactor.registry(), now);
+        if let Some(link) = daemon.link.as_mut() {
+            link.start(daemon.reactor.registry(), now);
+        }
+        match source {
+            ConfigSource::File(p) => log::info!("configuration: {}", p.display()),
+            ConfigSource::Defaults => log::info!("configuration: defaults (no file)"),
+        }
+        if let Some((state, why)) = &daemon.link_off {
+            log::warn!("Realtime link {state}: {why}");
+        }
+        log::info!(
+            "walkie {} ready in {} ms: control socket {}, {} task(s) in the registry",
+            env!("CARGO_PKG_VERSION"),
+            started.elapsed().as_millis(),
+            daemon.control.path().display(),
+            daemon.engine.records().len()
+        );
+        Ok(daemon)
+    }
+
+    fn run_loop(&mut self) -> std::io::Result<()> {
+        loop {
+            let now = Instant::now();
+            let deadline = if self.engine.has_backlog() { Some(now) } else { self.next_deadline(now) };
+            self.ready.clear();
+            self.ready.extend(self.reactor.poll(deadline, now)?.iter().cloned());
+            let now = Instant::now();
+            let ready = std::mem::take(&mut self.ready);
+            for event in &ready {
+                self.dispatch(event, now);
+            }
+            self.ready = ready;
+            self.on_timeouts(now);
+            if self.engine.has_backlog() {
+                self.engine.service_backlog(self.reactor.registry(), now);
+            }
+            self.pump(now);
+            if self.state_dirty {
+                self.persist();
+            }
+            if let Some(trace) = self.trace.as_mut() {
+                trace.flush();
+            }
+            if self.shutdown_complete(now) {
+                break;
+            }
+        }
+        self.finish_shutdown();
+        Ok(())
+    }
+
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let playback = self.audio.as_ref().filter(|a| a.progress().is_playing()).map(|_| now + PLAYBACK_POLL);
+        reactor::earliest([
+            self.engine.next_deadline(),
+            self.conv.poll_timeout(),
+            self.link.as_ref().and_then(Link::next_deadline),
+            self.audio.as_ref().and_then(Audio::next_deadline),
+            self.button.next_deadline(),
+            self.shutdown_deadline,
+            playback,
+        ])
+    }
+
+    fn dispatch(&mut self, event: &Event, now: Instant) {
+        let registry = self.reactor.registry();
+        match event.token() {
+            reactor::SIGNALS => {
+                for sig in self.signals.drain() {
+                    match sig {
+                        SignalEvent::Child => self.engine.reap(self.reactor.registry(), now),
+                        SignalEvent::Reload => self.reload(),
+                        SignalEvent::Shutdown(s) => self.begin_shutdown(now, &format!("{s}")),
+                    }
+                }
+            }
+            reactor::WAKER => {
+                if let Some(link) = self.link.as_mut() {
+                    link.on_wake(registry, now);
+                }
+                if let Some(audio) = self.audio.as_mut() {
+                    let reports = audio.on_wake(now);
+                    log_audio(reports);
+                }
+                self.feed_capture(now);
+            }
+            reactor::CONTROL => self.control.on_listener_ready(registry),
+            reactor::LINK => {
+                if let Some(link) = self.link.as_mut() {
+                    link.on_ready(registry, event, now);
+                }
+            }
+            reactor::BUTTON => self.button.on_ready(registry, event, now),
+            t if ControlServer::owns(t) => self.control.on_ready(registry, t, event),
+            t if TaskEngine::owns(t) => self.engine.on_ready(registry, t, now),
+            // mio may report a token after its source was dropped: ignore it.
+            _ => {}
+        }
+    }
+
+    fn on_timeouts(&mut self, now: Instant) {
+        let registry = self.reactor.registry();
+        self.engine.on_timeout(registry, now);
+        if let Some(link) = self.link.as_mut() {
+            link.on_timeout(registry, now);
+        }
+        if let Some(audio) = self.audio.as_mut() {
+            log_audio(audio.on_timeout(now));
+        }
+        self.button.on_timeout(registry, now);
+        self.conv.handle_timeout(now);
+        if let Some(audio) = self.audio.as_ref() {
+            self.conv.handle_playback(now, audio.progress());
+        }
+    }
+
+    /// Moves events between the parts until nothing is left to move.
+    fn pump(&mut self, now: Instant) {
+        loop {
+            let mut moved = false;
+            while let Some(ev) = self.link.as_mut().and_then(Link::poll_event) {
+                moved = true;
+                self.on_link_event(now, ev);
+            }
+            while let Some(ev) = self.button.poll_event() {
+                moved = true;
+                self.on_button(now, ev);
+            }
+            while let Some(ev) = self.engine.poll_event() {
+                moved = true;
+                self.on_task_event(now, ev);
+            }
+            while let Some((token, req)) = self.control.poll_request() {
+                moved = true;
+                match req {
+                    Ok(req) => self.on_request(now, token, req),
+                    Err(msg) => self.control.reply(self.reactor.registry(), token, &proto::error_reply(msg)),
+                }
+            }
+            moved |= self.run_actions(now);
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn on_link_event(&mut self, now: Instant, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Open => {
+                log::info!("Realtime link open");
+                self.conv.handle_link_open(now);
+            }
+            LinkEvent::Text(text) => {
+                if let Some(trace) = self.trace.as_mut() {
+                    trace.received(now, &text);
+                }
+                let unix_now = (crate::clock::unix_ms(SystemTime::now()) / 1000) as i64;
+                let mut tools = ToolContext { engine: &mut self.engine, registry: self.reactor.registry(), now };
+                self.conv.handle_server_text(now, unix_now, &text, &mut tools);
+            }
+            LinkEvent::Closed { reason, reconnect_in } => {
+                log::warn!("Realtime link closed ({reason}); reconnecting in {} ms", reconnect_in.as_millis());
+                self.conv.handle_link_closed(now);
+            }
+            LinkEvent::Failed { reason } => {
+                log::error!("Realtime link failed: {reason}");
+                self.conv.handle_link_closed(now);
+                if let Some(audio) = self.audio.as_mut() {
+                    audio.play_earcon(crate::voice::Earcon::Failed);
+                }
+            }
+        }
+    }
+
+    fn on_button(&mut self, now: Instant, ev: ButtonEvent) {
+        let pressed = matches!(ev, ButtonEvent::Pressed);
+        if let ButtonEvent::Released { forced: true } = ev {
+            log::warn!("the button was held longer than button.max_hold_s: the turn ends here");
+        }
+        if !pressed {
+            // Whatever was captured up to the release belongs to this turn.
+            self.feed_capture(now);
+        }
+        let progress = self.audio.as_ref().map(Audio::progress).unwrap_or_default();
+        self.conv.handle_button(now, pressed, progress);
+    }
+
+    fn feed_capture(&mut self, now: Instant) {
+        if !self.capturing {
+            return;
+        }
+        let Some(audio) = self.audio.as_mut() else { return };
+        self.samples.clear();
+        audio.read_capture(now, &mut self.samples);
+        if !self.samples.is_empty() {
+            self.conv.handle_audio_input(now, &self.samples);
+        }
+    }
+
+    fn on_task_event(&mut self, now: Instant, ev: TaskEvent) {
+        let registry = self.reactor.registry();
+        match ev {
+            TaskEvent::Changed => self.state_dirty = true,
+            TaskEvent::Started { name } => {
+                let line = json!({"ok": true, "event": {"kind": "started", "task": name}});
+                for t in self.control.subscribers(|s| *s == Subscription::Events) {
+                    self.control.stream(registry, t, &line);
+                }
+            }
+            TaskEvent::Output { name, text } => {
+                let line = json!({"ok": true, "text": text});
+                for t in self.control.subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name)) {
+                    self.control.stream(registry, t, &line);
+                }
+            }
+            TaskEvent::Finished { name, state, summary } => {
+                let line = json!({"ok": true, "event": {"kind": "finished", "task": name, "state": state.as_str(), "summary": summary}});
+                for t in self.control.subscribers(|s| *s == Subscription::Events) {
+                    self.control.stream(registry, t, &line);
+                }
+                let end = json!({"ok": true, "end": true, "task": name, "state": state.as_str()});
+                for t in self.control.subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name)) {
+                    self.control.end_stream(registry, t, &end);
+                }
+                // A shutdown interrupts tasks on purpose; there is no one left to tell.
+                if self.shutdown_deadline.is_none() || state != TaskState::Interrupted {
+                    self.conv.handle_completion(
+                        now,
+                        Completion { task: name, state: state.as_str().to_string(), summary },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Carries out the conversation core's actions; true when there were any.
+    fn run_actions(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(action) = self.conv.poll_action() {
+            any = true;
+            match action {
+                Action::Send(event) => {
+                    if let Some(trace) = self.trace.as_mut() {
+                        trace.sent(now, serde_json::to_value(&event).unwrap_or(Value::Null));
+                    }
+                    let registry = self.reactor.registry();
+                    match self.link.as_mut() {
+                        Some(link) => {
+                            if let Err(e) = link.send_text(registry, event.to_json()) {
+                                log::warn!("cannot send to the Realtime link: {e}");
+                            }
+                        }
+                        None => log::debug!("no link: dropped an event"),
+                    }
+                }
+                Action::Play { pcm } => {
+                    if let Some(audio) = self.audio.as_mut() {
+                        audio.play(&pcm);
+                    }
+                }
+                Action::FlushPlayback => {
+                    if let Some(audio) = self.audio.as_mut() {
+                        audio.flush_playback();
+                    }
+                }
+                Action::Earcon(e) => {
+                    if let Some(audio) = self.audio.as_mut() {
+                        audio.play_earcon(e);
+                    }
+                }
+                Action::StartCapture => {
+                    self.capturing = true;
+                    if let Some(audio) = self.audio.as_mut() {
+                        audio.set_streaming(true);
+                        self.samples.clear();
+                        audio.take_preroll(now, &mut self.samples);
+                        if !self.samples.is_empty() {
+                            self.conv.handle_audio_input(now, &self.samples);
+                        }
+                    }
+                }
+                Action::StopCapture => {
+                    self.capturing = false;
+                    if let Some(audio) = self.audio.as_mut() {
+                        audio.set_streaming(false);
+                    }
+                }
+                Action::TranscriptChanged => self.state_dirty = true,
+                Action::Reconnect { reason } => {
+                    if let Some(link) = self.link.as_mut() {
+                        log::info!("Realtime link: reconnecting ({reason})");
+                        link.reconnect_now(self.reactor.registry(), now, &reason);
+                        self.conv.handle_link_closed(now);
+                    }
+                }
+                Action::LinkFatal { reason } => {
+                    if let Some(link) = self.link.as_mut() {
+                        link.fail(self.reactor.registry(), reason);
+                        self.conv.handle_link_closed(now);
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn on_request(&mut self, now: Instant, token: mio::Token, req: Request) {
+        let registry = self.reactor.registry();
+        let reply = match req {
+            Request::Status => json!({"ok": true, "status": self.status(now)}),
+            Request::Tasks => json!({"ok": true, "tasks": self.engine.records()}),
+            Request::Start { prompt, name, project } => {
+                match self.engine.start(registry, &prompt, name.as_deref(), project.as_deref()) {
+                    Ok(task) => json!({"ok": true, "task": task}),
+                    Err(e) => error_from(&e),
+                }
+            }
+            Request::Continue { name, prompt } => match self.engine.continue_task(registry, &name, &prompt) {
+                Ok(task) => json!({"ok": true, "task": task}),
+                Err(e) => error_from(&e),
+            },
+            Request::Cancel { name } => match self.engine.cancel(&name, now) {
+                Ok(task) => json!({"ok": true, "task": task}),
+                Err(e) => error_from(&e),
+            },
+            Request::Result { name } => match self.engine.resolve(&name) {
+                Ok(record) => {
+                    let mut v = serde_json::to_value(record).unwrap_or(Value::Null);
+                    v["log"] = json!(self.engine.log_path(&record.name));
+                    json!({"ok": true, "task": v})
+                }
+                Err(e) => error_from(&e),
+            },
+            Request::Logs { name, follow } => match self.engine.logs(&name) {
+                Ok((task, text)) => {
+                    let running = self.engine.resolve(&task).is_ok_and(|r| r.state.is_running());
+                    if follow && running && self.engine.set_followed(&task, true) {
+                        self.control.subscribe(token, Subscription::Logs { task: task.clone() });
+                        json!({"ok": true, "task": task, "text": text})
+                    } else {
+                        let state = self.engine.resolve(&task).map(|r| r.state.as_str()).unwrap_or("unknown");
+                        json!({"ok": true, "task": task, "text": text, "end": true, "state": state})
+                    }
+                }
+                Err(e) => error_from(&e),
+            },
+            Request::Events => {
+                self.control.subscribe(token, Subscription::Events);
+                json!({"ok": true, "subscribed": "events"})
+            }
+            Request::Say { text } => {
+                let at = crate::clock::now_rfc3339();
+                match self.conv.handle_say(now, &text, &at) {
+                    Ok(()) => json!({"ok": true}),
+                    Err(e) => proto::error_reply(e.to_string()),
+                }
+            }
+            Request::Press => {
+                self.button.press(now);
+                json!({"ok": true})
+            }
+            Request::Release => {
+                self.button.release(now);
+                json!({"ok": true})
+            }
+            Request::Transcript => json!({"ok": true, "transcript": self.conv.transcript()}),
+        };
+        self.control.reply(self.reactor.registry(), token, &reply);
+    }
+
+    fn status(&self, now: Instant) -> Value {
+        let (link, link_error) = match (&self.link, &self.link_off) {
+            (Some(link), _) => {
+                let state = match link.status() {
+                    LinkStatus::Disabled => "disabled",
+                    LinkStatus::Connecting => "connecting",
+                    LinkStatus::Connected => "connected",
+                    LinkStatus::Backoff { .. } => "backoff",
+                    LinkStatus::Failed => "failed",
+                };
+                (state, link.last_error().map(str::to_string))
+            }
+            (None, Some((state, why))) => (*state, Some(why.clone())),
+            (None, None) => ("disabled", None),
+        };
+        let audio = match &self.audio {
+            Some(a) => serde_json::to_value(a.status()).unwrap_or(Value::Null),
+            None => json!({"state": "disabled"}),
+        };
+        let recent: Vec<_> = self.conv.transcript().iter().rev().take(4).rev().collect();
+        json!({
+            "link": link,
+            "link_error": link_error,
+            "audio": audio,
+            "button": self.button.status(),
+            "tasks": {"running": self.engine.running_count(), "finished": self.engine.finished_count()},
+            "uptime_s": now.saturating_duration_since(self.started).as_secs(),
+            "pid": std::process::id(),
+            "conversation": self.conv.status(),
+            "recent_transcript": recent,
+            "shutting_down": self.shutdown_deadline.is_some(),
+        })
+    }
+
+    fn persist(&mut self) {
+        self.state_dirty = false;
+        if let Some(writer) = self.state.as_ref() {
+            writer.submit(&StateFile {
+                version: state::VERSION,
+                tasks: self.engine.records().to_vec(),
+                transcript: self.conv.transcript().to_vec(),
+            });
+        }
+    }
+
+    fn reload(&mut self) {
+        let source = Config::locate(self.config_path.as_deref(), &self.paths);
+        match Config::load_source(&source) {
+            Err(e) => log::error!("SIGHUP: the configuration has an error, the old one stays in force: {e}"),
+            Ok(new) => {
+                for (section, changed) in [
+                    ("[realtime]", new.realtime != self.config.realtime),
+                    ("[audio]", new.audio != self.config.audio),
+                    ("[button]", new.button != self.config.button),
+                ] {
+                    if changed {
+                        log::warn!("SIGHUP: changes to {section} take effect when walkie restarts");
+                    }
+                }
+                self.engine.update_settings(engine_settings(&new, &self.paths));
+                self.config.agent = new.agent;
+                self.config.projects = new.projects;
+                log::info!("SIGHUP: configuration reloaded ([agent] and [projects] applied)");
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant, why: &str) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        log::info!("{why}: shutting down ({} task(s) running)", self.engine.running_count());
+        let grace = Duration::from_millis(self.config.agent.cancel_grace_ms);
+        self.shutdown_deadline = Some(now + grace + SHUTDOWN_MARGIN);
+        if let Some(audio) = self.audio.take() {
+            audio.stop();
+        }
+        if let Some(link) = self.link.as_mut() {
+            link.close(self.reactor.registry(), now);
+        }
+        self.button.stop(self.reactor.registry());
+        self.engine.shutdown(now);
+    }
+
+    fn shutdown_complete(&mut self, now: Instant) -> bool {
+        let Some(deadline) = self.shutdown_deadline else { return false };
+        if self.engine.is_idle() {
+            return true;
+        }
+        if now >= deadline {
+            log::error!("shutdown: tasks did not stop in time; killing what is left");
+            self.engine.kill_everything();
+            std::thread::sleep(Duration::from_millis(50));
+            self.engine.reap(self.reactor.registry(), now);
+            return true;
+        }
+        false
+    }
+
+    fn finish_shutdown(&mut self) {
+        self.persist();
+        if let Some(writer) = self.state.take() {
+            writer.finish();
+        }
+        if let Some(trace) = self.trace.as_mut() {
+            trace.flush();
+        }
+        self.control.shutdown(self.reactor.registry());
+        log::info!("walkie stopped");
+    }
+}
+
+fn log_audio(reports: Vec<AudioReport>) {
+    for r in reports {
+        match r {
+            AudioReport::Warning(w) => log::warn!("audio: {w}"),
+            other => log::info!("audio: {other:?}"),
+        }
+    }
+}
+
+fn error_from(e: &crate::tasks::TaskError) -> Value {
+    let mut v = tools::task_error(e);
+    let reason = v.get("reason").cloned().unwrap_or(Value::Null);
+    v["ok"] = json!(false);
+    v["error"] = reason;
+    v
+}
+
+fn engine_settings(config: &Config, paths: &Paths) -> EngineSettings {
+    EngineSettings {
+        agent: config.agent.clone(),
+        projects: config.projects.keys().filter_map(|k| Some((k.clone(), config.project_dir(k)?))).collect(),
+        paths: paths.clone(),
+        openai_key_var: config.realtime.api_key_env.clone(),
+    }
+}
+
+fn conversation_settings(config: &Config) -> ConversationSettings {
+    ConversationSettings {
+        session: SessionSettings {
+            instructions_extra: config.realtime.instructions.clone(),
+            voice: config.realtime.voice.clone(),
+            transcription_model: config.realtime.transcription_model.clone(),
+        },
+        ..ConversationSettings::default()
+    }
+}
+
+/// The link, or why there is none.
+fn build_link(config: &Config, waker: std::sync::Arc<mio::Waker>) -> (Option<Link>, Option<(&'static str, String)>) {
+    let Some(url) = config.realtime_url() else {
+        return (None, Some(("disabled", "realtime.url is \"none\"".into())));
+    };
+    let loopback =
+        crate::config::Endpoint::parse(&config.realtime.url).map(|e| e.is_loopback()).unwrap_or(false);
+    let api_key = match config.api_key() {
+        Ok(k) => Some(k),
+        // Local stand-ins (the demo, tests) need no key.
+        Err(_) if loopback => None,
+        Err(e) => return (None, Some(("failed", format!("no API key: {e}")))),
+    };
+    let ca_file = Some(config.realtime.ca_file.trim()).filter(|s| !s.is_empty()).map(crate::paths::expand_home);
+    let settings = LinkSettings {
+        url,
+        api_key,
+        ca_file,
+        ping_interval: Duration::from_millis(config.realtime.ping_interval_ms),
+        backoff_min: Duration::from_millis(500),
+        backoff_max: Duration::from_secs(30),
+        max_write_buffer: 4 * 1024 * 1024,
+    };
+    (Some(Link::new(settings, waker)), None)
+}
+
+/// `walkie doctor`: checks the setup, one line each, with the fix.
+pub fn doctor(config_path: Option<PathBuf>) -> i32 {
+    let paths = Paths::from_env();
+    let mut problems = 0;
+    let mut line = |ok: bool, what: &str, detail: String| {
+        if !ok {
+            problems += 1;
+        }
+        println!("{} {what}: {detail}", if ok { "ok  " } else { "FAIL" });
+    };
+    let source = Config::locate(config_path.as_deref(), &paths);
+    let config = match Config::load_source(&source) {
+        Ok(c) => {
+            line(true, "configuration", source.to_string());
+            c
+        }
+        Err(e) => {
+            line(false, "configuration", format!("{e} (fix the file; `walkie config example` shows every key)"));
+            return crate::cli::EXIT_USAGE;
+        }
+    };
+    match (config.realtime_url(), config.api_key()) {
+        (None, _) => line(true, "realtime link", "disabled (realtime.url = \"none\")".into()),
+        (Some(url), Ok(_)) => line(true, "realtime link", format!("{url}, API key found")),
+        (Some(url), Err(e)) => {
+            let loopback = crate::config::Endpoint::parse(&config.realtime.url).is_ok_and(|e| e.is_loopback());
+            line(loopback, "realtime link", format!("{url}: {e}"))
+        }
+    }
+    let program = config.agent.command.first().cloned().unwrap_or_default();
+    let found = which(&program);
+    line(
+        found.is_some(),
+        "agent command",
+        match found {
+            Some(p) => format!("{program} → {}", p.display()),
+            None => format!("{program} is not on PATH (install it or set agent.command)"),
+        },
+    );
+    for (name, _) in &config.projects {
+        let dir = config.project_dir(name).unwrap_or_default();
+        line(dir.is_dir(), &format!("project {name}"), dir.display().to_string());
+    }
+    match std::os::unix::net::UnixStream::connect(paths.control_socket()) {
+        Ok(_) => line(true, "daemon", format!("running ({})", paths.control_socket().display())),
+        Err(_) => line(true, "daemon", "not running (start it with `walkie run` or systemctl --user start walkie)".into()),
+    }
+    let pcms = crate::audio::list_pcms();
+    if config.audio.backend == crate::config::AudioBackend::Alsa {
+        line(!pcms.is_empty(), "ALSA", format!("{} PCM(s) listed; `walkie devices` shows them", pcms.len()));
+    }
+    match config.button.device.as_str() {
+        "none" => line(true, "button", "disabled (ctl press/release only)".into()),
+        "auto" => {
+            let key = crate::button::keycodes::parse_key(&config.button.key);
+            let devices = crate::button::list_input_devices(key);
+            let with_key = devices.iter().filter(|d| d.has_key == Some(true)).count();
+            line(
+                with_key > 0,
+                "button",
+                format!("{with_key} input device(s) with {} (add your user to the `input` group if none is readable)", config.button.key),
+            );
+        }
+        path => line(std::path::Path::new(path).exists(), "button", path.to_string()),
+    }
+    if problems == 0 { crate::cli::EXIT_OK } else { crate::cli::EXIT_FAILURE }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program)).filter(|p| p.is_file());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// `walkie devices`: ALSA PCMs and input devices (with whether they have the key).
+pub fn devices() -> i32 {
+    let paths = Paths::from_env();
+    let key = Config::load_source(&Config::locate(None, &paths))
+        .ok()
+        .and_then(|c| crate::button::keycodes::parse_key(&c.button.key).map(|k| (k, c.button.key)));
+    println!("ALSA PCMs:");
+    for pcm in crate::audio::list_pcms() {
+        let dir = match (pcm.input, pcm.output) {
+            (true, true) => "in/out",
+            (true, false) => "in",
+            (false, true) => "out",
+            _ => "",
+        };
+        println!("  {:<32} {:<7} {}", pcm.name, dir, pcm.description.replace('\n', " "));
+    }
+    println!("input devices:");
+    let devices = crate::button::list_input_devices(key.as_ref().map(|(k, _)| *k));
+    if devices.is_empty() {
+        println!("  (none readable under /dev/input)");
+    }
+    for d in devices {
+        let has = match (d.has_key, &key) {
+            (Some(true), Some((_, name))) => format!("has {name}"),
+            (Some(false), Some((_, name))) => format!("no {name}"),
+            _ => String::new(),
+        };
+        println!("  {:<24} {:<32} {has}", d.path.display(), d.name);
+    }
+    crate::cli::EXIT_OK
+}
+

@@ -1,0 +1,329 @@
+//! Test harness: runs the real `walkie` binary in a private set of XDG directories, with the
+//! fake agent (and, where a test asks for it, the fake Realtime server) as its peers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const WALKIE: &str = env!("CARGO_BIN_EXE_walkie");
+pub const FAKE_AGENT: &str = env!("CARGO_BIN_EXE_fake-agent");
+pub const FAKE_REALTIME: &str = env!("CARGO_BIN_EXE_fake-realtime");
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Every live process whose environment carries `WALKIE_TASK` and whose parent chain is
+/// not this test's (i.e. agents and their descendants of a given home).
+pub fn processes_with_env(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+            if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) && alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Zombie children of `parent`.
+pub fn zombies_of(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut f = rest.split_whitespace();
+        let state = f.next();
+        let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == parent && state == Some("Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Resident set size of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A private home for one walkie: its directories, its config, its process.
+pub struct Walkie {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub extra_env: HashMap<String, String>,
+}
+
+impl Walkie {
+    /// A home whose config is the default test config plus `extra_toml` (TOML sections
+    /// appended; keys in [agent], [realtime], [audio], [button] may be overridden by
+    /// passing full sections through `with_config`).
+    pub fn new() -> Walkie {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["home", "config/walkie", "state", "data", "runtime"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let w = Walkie { dir, child: None, extra_env: HashMap::new() };
+        w.write_config(&w.default_config(""));
+        w
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("config/walkie/config.toml")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.path("state/walkie/state.json")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path("runtime/walkie/control.sock")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.path("walkie.log")
+    }
+
+    /// The standard test configuration: the fake agent, no link, no audio, no button.
+    /// `agent_extra` is added inside [agent].
+    pub fn default_config(&self, agent_extra: &str) -> String {
+        format!(
+            r#"[realtime]
+url = "none"
+[audio]
+backend = "none"
+[button]
+device = "none"
+[agent]
+command = ["{FAKE_AGENT}", "-p", "{{prompt}}", "--output-format", "stream-json", "--verbose"]
+cancel_grace_ms = 1000
+{agent_extra}
+"#
+        )
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("PATH".to_string(), std::env::var("PATH").unwrap_or_default()),
+            ("HOME".to_string(), self.path("home").display().to_string()),
+            ("XDG_CONFIG_HOME".to_string(), self.path("config").display().to_string()),
+            ("XDG_STATE_HOME".to_string(), self.path("state").display().to_string()),
+            ("XDG_DATA_HOME".to_string(), self.path("data").display().to_string()),
+            ("XDG_RUNTIME_DIR".to_string(), self.path("runtime").display().to_string()),
+            ("WALKIE_LOG".to_string(), "debug".to_string()),
+        ];
+        for (k, v) in &self.extra_env {
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(WALKIE);
+        cmd.args(args).env_clear().envs(self.env()).current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Starts `walkie run` and waits until its control socket answers.
+    pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    pub fn start_with(&mut self, extra_args: &[&str]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file()).unwrap();
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra_args);
+        let child = self.command(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.child = Some(child);
+        let sock = self.socket();
+        let ok = wait_until(Duration::from_secs(20), || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("walkie exited early ({status}):\n{}", self.log());
+                }
+            }
+            UnixStream::connect(&sock).is_ok()
+        });
+        assert!(ok, "walkie did not open its control socket:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("walkie not started").id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// Runs `walkie <args>` to completion.
+    pub fn run_cmd(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// `walkie ctl <args>`: (exit code, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let mut full = vec!["ctl"];
+        full.extend_from_slice(args);
+        let out = self.run_cmd(&full);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `walkie ctl <args> --json`, parsed; panics with the log when it fails.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut full: Vec<&str> = args.to_vec();
+        full.push("--json");
+        let (code, out, err) = self.ctl(&full);
+        assert_eq!(code, 0, "ctl {args:?} failed: {err}\n{}", self.log());
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// Starts a task through `walkie ctl start`; returns its name.
+    pub fn start_task(&self, args: &[&str]) -> String {
+        let mut full = vec!["start"];
+        full.extend_from_slice(args);
+        let (code, out, err) = self.ctl(&full);
+        assert_eq!(code, 0, "start failed: {err}\n{}", self.log());
+        out.trim().strip_prefix("started ").expect("started NAME").to_string()
+    }
+
+    pub fn tasks(&self) -> Vec<Value> {
+        self.ctl_json(&["tasks"]).as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn task(&self, name: &str) -> Value {
+        self.tasks().into_iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("no task {name}"))
+    }
+
+    /// Waits until task `name` is in a state other than running; returns its record.
+    pub fn wait_finished(&self, name: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.task(name);
+            last["state"] != "running"
+        });
+        assert!(ok, "task {name} still running: {last}\n{}", self.log());
+        last
+    }
+
+    /// Sends raw bytes on the control socket and reads one reply line.
+    pub fn raw_request(&self, bytes: &[u8]) -> Value {
+        let mut s = UnixStream::connect(self.socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut line = String::new();
+        BufReader::new(&mut s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply not JSON ({e}): {line:?}"))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the daemon to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn state_json(&self) -> Value {
+        let text = std::fs::read_to_string(self.state_file()).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("state file is not valid JSON ({e}): {text}"))
+    }
+
+    /// The working directory of a task (scratch dir).
+    pub fn task_cwd(&self, name: &str) -> PathBuf {
+        PathBuf::from(self.task(name)["cwd"].as_str().unwrap())
+    }
+}
+
+impl Drop for Walkie {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let mut log = String::new();
+            if let Ok(mut f) = std::fs::File::open(self.log_file()) {
+                let _ = f.read_to_string(&mut log);
+            }
+            let tail: String = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            eprintln!("--- walkie log (tail) ---\n{tail}");
+        }
+    }
+}
+
+/// Kills a process we know only by pid (cleanup of grandchildren in tests).
+pub fn kill(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}
+
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,393 @@
+//! The task engine through the real binary: `walkie run` + `walkie ctl` + the fake agent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn start_finish_result() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "Flaky Test", "fix the flaky test @write=src/fix.rs @edit=README.md @sleep=0.3"]);
+    assert_eq!(name, "flaky-test");
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["exit_code"], 0);
+    assert!(t["pid"].is_null());
+    assert!(t["ended_at"].as_str().unwrap().ends_with('Z'));
+    assert!(t["session_id"].as_str().is_some_and(|s| s.len() >= 32), "{t}");
+    let files: Vec<&str> = t["files_changed"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert!(files.iter().any(|f| f.ends_with("src/fix.rs")), "{files:?}");
+    assert!(files.iter().any(|f| f.ends_with("README.md")), "{files:?}");
+    // The agent really ran in the task's scratch directory.
+    let cwd = w.task_cwd(&name);
+    assert!(cwd.starts_with(w.path("data/walkie/scratch")), "{cwd:?}");
+    assert!(cwd.join("src/fix.rs").exists());
+    let result = w.ctl_json(&["result", "flaky"]);
+    assert_eq!(result["name"], "flaky-test");
+    assert!(result["summary"].as_str().unwrap().contains("fix the flaky test"), "{result}");
+    let (code, out, _) = w.ctl(&["result", "flaky-test"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("succeeded") && out.contains("src/fix.rs"), "{out}");
+    let (code, logs, _) = w.ctl(&["logs", "flaky-test"]);
+    assert_eq!(code, 0);
+    assert!(logs.contains("[tool] Write"), "{logs}");
+    // The on-disk output exists and the state file records the task.
+    assert!(w.path("state/walkie/tasks/flaky-test/stdout.jsonl").exists());
+    let state = w.state_json();
+    assert_eq!(state["tasks"][0]["name"], "flaky-test");
+    assert_eq!(state["tasks"][0]["state"], "succeeded");
+}
+
+#[test]
+fn failures_and_plain_output_are_reported() {
+    let mut w = Walkie::new();
+    w.start();
+    let failed = w.start_task(&["--name", "bad", "@fail"]);
+    let plain = w.start_task(&["--name", "plain", "@plain"]);
+    let t = w.wait_finished(&failed, T);
+    assert_eq!(t["state"], "failed", "{t}");
+    assert_eq!(t["exit_code"], 1);
+    assert!(t["summary"].as_str().unwrap().starts_with("failed"), "{t}");
+    let t = w.wait_finished(&plain, T);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    // An agent that is not there is a clear error, not a crash.
+    w.write_config(&w.default_config("").replace(FAKE_AGENT, "/nonexistent/agent"));
+    w.signal(Signal::SIGHUP);
+    assert!(wait_until(T, || w.log().contains("configuration reloaded")));
+    let (code, _, err) = w.ctl(&["start", "anything"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("could not start the agent") && err.contains("/nonexistent/agent"), "{err}");
+    assert_eq!(w.ctl_json(&["status"])["tasks"]["running"], 0);
+}
+
+#[test]
+fn five_concurrent_tasks_keep_their_own_results() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 5"));
+    w.start();
+    let sleeps = [0.9, 0.2, 0.6, 0.1, 0.4];
+    let names: Vec<String> = sleeps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| w.start_task(&["--name", &format!("job {i}"), &format!("@sleep={s} @text=answer_number_{i} @write=f{i}.txt")]))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let t = w.wait_finished(name, T);
+        assert_eq!(t["state"], "succeeded");
+        assert_eq!(t["summary"], format!("answer number {i}"), "{t}");
+        let files = t["files_changed"].to_string();
+        assert!(files.contains(&format!("f{i}.txt")) && !files.contains(&format!("f{}.txt", (i + 1) % 5)), "{files}");
+    }
+    // Every completion was announced as an event and in the log, once each.
+    for name in &names {
+        assert_eq!(w.log().matches(&format!("task {name} succeeded")).count(), 1, "{name}");
+    }
+}
+
+#[test]
+fn the_running_limit_rejects_and_names_the_running_tasks() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 2"));
+    w.start();
+    w.start_task(&["--name", "one", "@stall"]);
+    w.start_task(&["--name", "two", "@stall"]);
+    let (code, _, err) = w.ctl(&["start", "--name", "three", "@stall"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("one") && err.contains("two") && err.contains("already running"), "{err}");
+    assert!(w.tasks().iter().all(|t| t["name"] != "three"), "no hidden queue");
+    w.ctl(&["cancel", "one"]);
+    w.wait_finished("one", T);
+    w.start_task(&["--name", "three", "@sleep=0"]);
+}
+
+#[test]
+fn cancel_reaches_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "stubborn", "@grandchild @ignore-term @ignore-int @stall"]);
+    let cwd = w.task_cwd(&name);
+    assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
+    let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    assert!(alive(grandchild) && alive(agent));
+    let (code, out, err) = w.ctl(&["cancel", "stubborn"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cancelling stubborn"));
+    // Still running during the grace: cancelled is reported only when everything is gone.
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert!(!alive(agent), "agent {agent} survived");
+    assert!(!alive(grandchild), "grandchild {grandchild} survived");
+    let id = w.state_json()["tasks"][0]["id"].as_str().unwrap().to_string();
+    assert!(processes_with_env(&format!("WALKIE_TASK={id}")).is_empty());
+    assert!(zombies_of(w.pid()).is_empty());
+    // A cancel of a finished task is refused clearly.
+    let (code, _, err) = w.ctl(&["cancel", "stubborn"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not running"), "{err}");
+}
+
+#[test]
+fn cancel_of_a_cooperative_agent_uses_sigint() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "polite", "@stall"]);
+    assert!(wait_until(T, || w.task(&name)["session_id"].is_string()));
+    w.ctl(&["cancel", "polite"]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "cancelled");
+    // The fake CLI answers SIGINT like the real one: a result line and exit 0.
+    assert_eq!(t["exit_code"], 0, "{t}");
+}
+
+#[test]
+fn sigterm_of_the_daemon_stops_every_task_and_leaves_a_valid_state_file() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 3"));
+    w.start();
+    let a = w.start_task(&["--name", "alpha", "@stall @grandchild"]);
+    let _b = w.start_task(&["--name", "beta", "@stall @ignore-term @ignore-int"]);
+    let cwd = w.task_cwd(&a);
+    assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
+    let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
+    let ids: Vec<String> = w.state_json()["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    w.signal(Signal::SIGTERM);
+    assert_eq!(w.wait_exit(T), Some(0), "{}", w.log());
+    assert!(!alive(grandchild));
+    for id in &ids {
+        assert!(processes_with_env(&format!("WALKIE_TASK={id}")).is_empty(), "task {id} left processes");
+    }
+    let state = w.state_json();
+    for t in state["tasks"].as_array().unwrap() {
+        assert_eq!(t["state"], "interrupted", "{t}");
+        assert!(t["pid"].is_null());
+    }
+    assert!(!w.socket().exists(), "control socket removed");
+}
+
+#[test]
+fn after_sigkill_a_restart_marks_tasks_interrupted_and_stops_the_orphans() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "orphan maker", "@stall @grandchild @ignore-term @ignore-int"]);
+    let cwd = w.task_cwd(&name);
+    assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
+    let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(T);
+    // The agent ignores the SIGTERM of its parent-death signal; both live on, orphaned.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(grandchild));
+    w.start();
+    let t = w.task(&name);
+    assert_eq!(t["state"], "interrupted", "{t}");
+    assert!(wait_until(T, || !alive(grandchild) && !alive(agent)), "orphans left: agent {} grandchild {}", alive(agent), alive(grandchild));
+    assert!(w.log().contains("marked interrupted"));
+    // The restarted daemon works normally.
+    let n = w.start_task(&["after restart @sleep=0"]);
+    assert_eq!(w.wait_finished(&n, T)["state"], "succeeded");
+}
+
+#[test]
+fn no_zombie_after_200_short_tasks() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 32"));
+    w.start();
+    let mut started = 0;
+    while started < 200 {
+        let running = w.ctl_json(&["status"])["tasks"]["running"].as_u64().unwrap();
+        if running >= 24 {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        w.start_task(&["--name", "quick", "@sleep=0 @grandchild-exit"]);
+        started += 1;
+    }
+    assert!(wait_until(Duration::from_secs(120), || w.ctl_json(&["status"])["tasks"]["running"] == 0));
+    let st = w.ctl_json(&["status"]);
+    assert!(st["tasks"]["finished"].as_u64().unwrap() >= 100, "{st}");
+    assert!(wait_until(Duration::from_secs(5), || zombies_of(w.pid()).is_empty()), "zombies: {:?}", zombies_of(w.pid()));
+    let names: std::collections::HashSet<String> = w.tasks().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names.len(), w.tasks().len(), "names are unique");
+    assert!(names.contains("quick-2"));
+}
+
+#[test]
+fn a_flooding_agent_does_not_starve_the_control_socket_or_grow_memory() {
+    let mut w = Walkie::new();
+    w.start();
+    let before = rss_kib(w.pid());
+    let name = w.start_task(&["--name", "flood", "@flood=50M"]);
+    let mut peak = before;
+    let mut answered = 0;
+    while w.task(&name)["state"] == "running" {
+        let t0 = std::time::Instant::now();
+        let st = w.ctl_json(&["status"]);
+        assert_eq!(st["tasks"]["running"], 1);
+        // Generous: this is about starvation (seconds), not speed (rt-bench measures that).
+        assert!(t0.elapsed() < Duration::from_secs(5), "status took {:?}", t0.elapsed());
+        answered += 1;
+        peak = peak.max(rss_kib(w.pid()));
+    }
+    let t = w.task(&name);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert!(answered >= 2, "the flood finished before status could be asked twice");
+    assert!(peak < before + 32 * 1024, "RSS grew from {before} KiB to {peak} KiB");
+    // Output on disk is capped (4 MiB per file, rotated once).
+    let dir = w.path("state/walkie/tasks/flood");
+    let total: u64 = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+    assert!(total <= 6 * 4 * 1024 * 1024, "{total} bytes on disk");
+    let (_, logs, _) = w.ctl(&["logs", "flood"]);
+    assert!(logs.len() <= 70 * 1024, "logs are a bounded tail: {}", logs.len());
+}
+
+#[test]
+fn agents_get_only_the_allowed_environment() {
+    let mut w = Walkie::new();
+    w.extra_env.insert("OPENAI_API_KEY".into(), "sk-proj-shouldneverleak0123456789".into());
+    w.extra_env.insert("PASSED_VAR".into(), "yes".into());
+    w.extra_env.insert("SECRET_OTHER".into(), "no".into());
+    let cfg = w.default_config(
+        r#"env_pass = ["PATH", "HOME", "PASSED_VAR", "OPENAI_API_KEY"]
+env_set = { CLAUDE_CODE_MAX_RETRIES = "3", SET_VAR = "set" }"#,
+    );
+    w.write_config(&cfg);
+    // The configuration itself refuses to pass the key.
+    let out = w.run_cmd(&["config", "check", w.config_path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPENAI_API_KEY"));
+    w.write_config(&cfg.replace(", \"OPENAI_API_KEY\"]", "]"));
+    w.start();
+    let name = w.start_task(&["--name", "env", "@env"]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+    let (_, logs, _) = w.ctl(&["logs", "env"]);
+    assert!(logs.contains("PASSED_VAR=yes"), "{logs}");
+    assert!(logs.contains("SET_VAR=set") && logs.contains("CLAUDE_CODE_MAX_RETRIES=3"), "{logs}");
+    assert!(!logs.contains("SECRET_OTHER"), "{logs}");
+    assert!(!logs.contains("OPENAI_API_KEY") && !logs.contains("shouldneverleak"), "{logs}");
+    assert!(!logs.contains("XDG_STATE_HOME"), "{logs}");
+    let tmpdir = logs.lines().find_map(|l| l.strip_prefix("TMPDIR=")).expect("TMPDIR set");
+    assert!(tmpdir.starts_with(w.path("runtime").to_str().unwrap()), "{tmpdir}");
+    assert!(logs.contains("WALKIE_TASK="));
+}
+
+#[test]
+fn secrets_never_reach_the_summary_or_the_result() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "leaky", "@secret"]);
+    let t = w.wait_finished(&name, T);
+    let text = format!("{} {}", t["summary"], w.ctl_json(&["result", "leaky"])["result_text"]);
+    for secret in ["sk-proj-", "ghp_", "hunter2", "DB_PASSWORD=s"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert!(text.contains("[redacted]"), "{text}");
+}
+
+#[test]
+fn continue_resumes_the_same_session_in_the_same_directory() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "story", "@write=one.txt"]);
+    let first = w.wait_finished(&name, T);
+    let (code, out, err) = w.ctl(&["continue", "story", "now", "add", "@write=two.txt"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "started story");
+    let second = w.wait_finished(&name, T);
+    assert_eq!(second["state"], "succeeded");
+    assert_eq!(second["session_id"], first["session_id"]);
+    assert_eq!(second["cwd"], first["cwd"]);
+    assert_eq!(second["prompt"], "now add @write=two.txt");
+    let files = second["files_changed"].to_string();
+    assert!(files.contains("one.txt") && files.contains("two.txt"), "{files}");
+    assert_eq!(w.tasks().len(), 1);
+    // Refused while running, and for an unknown name.
+    w.ctl(&["continue", "story", "@stall"]);
+    let (code, _, err) = w.ctl(&["continue", "story", "again"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("still running"), "{err}");
+    let (code, _, err) = w.ctl(&["continue", "nosuch", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no task matches"), "{err}");
+}
+
+#[test]
+fn references_resolve_by_prefix_and_words_and_ambiguity_lists_candidates() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 4"));
+    w.start();
+    w.start_task(&["--name", "flaky test", "@stall"]);
+    w.start_task(&["--name", "flaky build", "@stall"]);
+    let (code, _, err) = w.ctl(&["cancel", "flaky"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("flaky-build") && err.contains("flaky-test"), "{err}");
+    let reply = w.raw_request(b"{\"cmd\":\"cancel\",\"name\":\"flaky\"}\n");
+    assert_eq!(reply["ok"], false);
+    assert_eq!(reply["candidates"], serde_json::json!(["flaky-build", "flaky-test"]));
+    let (code, out, _) = w.ctl(&["cancel", "build"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("flaky-build"));
+    let (code, out, _) = w.ctl(&["cancel", "flaky-t"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("flaky-test"));
+}
+
+#[test]
+fn projects_set_the_working_directory() {
+    let mut w = Walkie::new();
+    let proj = w.path("home/code/webapp");
+    std::fs::create_dir_all(&proj).unwrap();
+    w.write_config(&format!("{}\n[projects]\nwebapp = \"~/code/webapp\"\ngone = \"/nonexistent/dir\"\n", w.default_config("")));
+    w.start();
+    let name = w.start_task(&["--project", "webapp", "--name", "p", "@write=hello.txt"]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+    assert!(proj.join("hello.txt").exists());
+    assert_eq!(w.task(&name)["project"], "webapp");
+    let (code, _, err) = w.ctl(&["start", "--project", "nope", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown project") && err.contains("webapp"), "{err}");
+    let (code, _, err) = w.ctl(&["start", "--project", "gone", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn logs_follow_streams_until_the_task_ends() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "talker", "@sleep=1.5 @bash=make_test @text=all_done"]);
+    let out = w.run_cmd(&["ctl", "logs", &name, "--follow"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text.contains("[tool] Bash"), "{text}");
+    assert!(text.contains("all done"), "{text}");
+    assert!(text.trim_end().ends_with("[task talker: succeeded]"), "{text}");
+}
+
+#[test]
+fn events_stream_shows_completions() {
+    let mut w = Walkie::new();
+    w.start();
+    let mut child = w
+        .command(&["ctl", "events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give the subscription a moment to register before the task starts.
+    std::thread::sleep(Duration::from_millis(300));
+    let name = w.start_task(&["--name", "evented", "@sleep=0.2 @text=it_worked"]);
+    w.wait_finished(&name, T);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("evented started"), "{text}");
+    assert!(text.contains("evented succeeded: it worked"), "{text}");
+}

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Installs the Debian packages walkie's build and tests need. Idempotent; works as root or
+# through sudo. Used by `make deps` (and so by `make test`, `make demo` and .ci/run).
+set -eu
+PKGS="libasound2-dev alsa-utils pkg-config python3-venv util-linux procps"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "deps: installing$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "deps: cargo is missing: install Rust (stable, 1.85 or newer) with rustup: https://rustup.rs" >&2
+  exit 1
+fi
