@@ -243,8 +243,8 @@ impl Button {
         }
     }
 
-    /// Closes the device (ending a grab). Events already queued stay pollable; a talk in
-    /// progress is left to the caller, which is shutting down.
+    /// Closes the device (ending a grab). A talk the device's key started ends with a forced
+    /// release, pollable afterwards; one from `ctl press` is left alone.
     pub fn stop(&mut self, registry: &Registry) {
         self.close(registry);
         self.link = Link::Disabled;
@@ -285,9 +285,8 @@ impl Button {
         }
     }
 
-    /// The open device went away: release a held key, close, retry after the backoff.
+    /// The open device went away: close (releasing a held key), retry after the backoff.
     fn lose(&mut self, registry: &Registry, now: Instant, reason: String) {
-        self.keys.handle_detach();
         let path = match &self.link {
             Link::Open { device, .. } => device.path().display().to_string(),
             _ => String::new(),
@@ -312,8 +311,11 @@ impl Button {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
+    /// Closes the open device, if any. The key machine hears of it: a talk the device's
+    /// key started ends (forced), since no release can come from a closed fd.
     fn close(&mut self, registry: &Registry) {
         if let Link::Open { .. } = self.link {
+            self.keys.handle_detach();
             if let Link::Open { device, .. } = std::mem::replace(&mut self.link, Link::NotStarted) {
                 device.close(registry);
             }
