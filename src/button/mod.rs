@@ -314,11 +314,12 @@ impl Button {
     /// Closes the open device, if any. The key machine hears of it: a talk the device's
     /// key started ends (forced), since no release can come from a closed fd.
     fn close(&mut self, registry: &Registry) {
-        if let Link::Open { .. } = self.link {
-            self.keys.handle_detach();
-            if let Link::Open { device, .. } = std::mem::replace(&mut self.link, Link::NotStarted) {
+        match std::mem::replace(&mut self.link, Link::Disabled) {
+            Link::Open { device, .. } => {
+                self.keys.handle_detach();
                 device.close(registry);
             }
+            other => self.link = other,
         }
     }
 }
