@@ -819,7 +819,8 @@ pub fn devices() -> i32 {
             (Some(false), Some((_, name))) => format!("no {name}"),
             _ => String::new(),
         };
-        println!("  {:<24} {:<32} {has}", d.path.display(), d.name);
+        let name = d.name.as_deref().or(d.error.as_deref()).unwrap_or("");
+        println!("  {:<24} {:<32} {has}", d.path.display(), name);
     }
     crate::cli::EXIT_OK
 }
