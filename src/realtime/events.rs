@@ -26,7 +26,8 @@ pub enum ClientEvent {
     SessionUpdate {
         #[serde(skip_serializing_if = "Option::is_none")]
         event_id: Option<String>,
-        session: Session,
+        /// Boxed: it dwarfs every other event.
+        session: Box<Session>,
     },
     #[serde(rename = "input_audio_buffer.append")]
     InputAudioBufferAppend {
@@ -308,7 +309,7 @@ pub fn session_update(settings: &SessionSettings) -> ClientEvent {
     });
     ClientEvent::SessionUpdate {
         event_id: None,
-        session: Session {
+        session: Box::new(Session {
             kind: "realtime".into(),
             instructions,
             output_modalities: vec!["audio".into()],
@@ -325,7 +326,7 @@ pub fn session_update(settings: &SessionSettings) -> ClientEvent {
             },
             tools: tools(),
             tool_choice: "auto".into(),
-        },
+        }),
     }
 }
 
