@@ -238,6 +238,8 @@ pub struct Conversation {
     next_order: u64,
     /// Committed user item id → (reserved order, unix seconds of the commit).
     awaited_transcriptions: HashMap<String, (u64, i64)>,
+    /// The last server error worth a user's attention (`code: message`), for status.
+    last_error: Option<String>,
 }
 
 impl Conversation {
@@ -263,6 +265,7 @@ impl Conversation {
             transcript_order: Vec::new(),
             next_order: 0,
             awaited_transcriptions: HashMap::new(),
+            last_error: None,
         }
     }
 
@@ -457,6 +460,7 @@ impl Conversation {
             "capturing": self.capturing,
             "playing": self.playing(),
             "transcript_entries": self.transcript.len(),
+            "last_error": self.last_error,
         })
     }
 
@@ -759,6 +763,13 @@ impl Conversation {
 
     fn server_error(&mut self, now: Instant, error: ApiError) {
         let code = error.code.as_deref().unwrap_or("");
+        let harmless = matches!(
+            code,
+            "response_cancel_not_active" | "input_audio_buffer_commit_empty"
+        );
+        if !harmless {
+            self.last_error = Some(format!("{code}: {}", error.message));
+        }
         match code {
             "conversation_already_has_active_response" => {
                 debug!("response.create refused, a response is active; asking again after it");
@@ -776,7 +787,7 @@ impl Conversation {
                     Responding::Idle | Responding::Blocked { .. } => self.want_response(false),
                 }
             }
-            "response_cancel_not_active" | "input_audio_buffer_commit_empty" => {
+            _ if harmless => {
                 debug!("harmless server error {code}: {}", error.message);
             }
             "session_expired" => {
@@ -1694,6 +1705,23 @@ mod tests {
     }
 
     #[test]
+    fn no_response_starts_while_the_user_holds_the_button() {
+        let mut rig = Rig::ready();
+        rig.press(0);
+        assert_eq!(count(&rig.say(10, "typed meanwhile"), "response.create"), 0);
+        let release = rig.release(20); // too short to commit
+        assert_eq!(
+            outline(&release),
+            [
+                "stop capture",
+                "earcon Release",
+                "input_audio_buffer.clear",
+                "response.create"
+            ]
+        );
+    }
+
+    #[test]
     fn a_refused_response_create_is_sent_again_after_the_next_done() {
         let mut rig = Rig::ready();
         rig.say(0, "one");
@@ -1736,8 +1764,16 @@ mod tests {
             rig.server(20, &error("input_audio_buffer_commit_empty", None)),
             []
         );
-        assert_eq!(rig.server(30, &error("rate_limit_exceeded", None)), []);
         assert_eq!(rig.conv.status(), before);
+        assert_eq!(before["last_error"], Value::Null);
+        // Anything else is reported (and otherwise changes nothing here).
+        assert_eq!(rig.server(30, &error("rate_limit_exceeded", None)), []);
+        let after = rig.conv.status();
+        assert_eq!(
+            after["last_error"],
+            "rate_limit_exceeded: rate_limit_exceeded happened"
+        );
+        assert_eq!(after["active_response"], before["active_response"]);
     }
 
     #[test]
