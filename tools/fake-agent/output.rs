@@ -123,6 +123,10 @@ impl<W: Write> Output<W> {
         deltas: Vec<Value>,
     ) -> io::Result<()> {
         let session = self.session.clone();
+        // The CLI announces each API request in this mode (partial fixture).
+        let mut status = Map::new();
+        status.insert("status".into(), json!("requesting"));
+        self.json_line(&lines::system(&session, "status", status))?;
         let start = json!({"type": "message_start", "message": {
             "id": message_id, "type": "message", "role": "assistant", "model": session.model,
             "content": [], "stop_reason": null, "stop_sequence": null,
@@ -385,6 +389,7 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "system",
                 "message_start",
                 "content_block_start",
                 "content_block_delta",
