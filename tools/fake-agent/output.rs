@@ -25,9 +25,17 @@ pub struct Output<W: Write> {
     out: W,
     style: Style,
     session: Session,
-    /// Bytes written so far (flood pacing and tests).
+    /// Bytes written so far.
     written: u64,
+    /// A flood line's text before and after its text (see `flood_template`).
+    flood_template: Option<(String, String)>,
 }
+
+const MARK_MESSAGE_ID: &str = "@MESSAGE_ID@";
+const MARK_UUID: &str = "@UUID@";
+const MARK_REQUEST_ID: &str = "@REQUEST_ID@";
+const MARK_TIMESTAMP: &str = "@TIMESTAMP@";
+const MARK_TEXT: &str = "@TEXT@";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -60,6 +68,7 @@ impl<W: Write> Output<W> {
             style,
             session,
             written: 0,
+            flood_template: None,
         }
     }
 
@@ -272,8 +281,8 @@ impl<W: Write> Output<W> {
     /// timestamp have fixed widths).
     pub fn flood_overhead(&self) -> u64 {
         match self.style {
-            Style::Plain => 1,
-            _ => {
+            Style::Plain | Style::Json | Style::Text => 1,
+            Style::StreamJson { .. } => {
                 let line = lines::assistant(
                     &self.session,
                     &lines::fake_id("msg"),
@@ -285,20 +294,54 @@ impl<W: Write> Output<W> {
         }
     }
 
-    /// One flood line, left in the buffer; returns its size.
+    /// One flood line, left in the buffer; returns its size (the size it would have when the
+    /// format prints no flood, so a bounded flood still ends).
     pub fn flood_line(&mut self, text: &str) -> io::Result<u64> {
         let before = self.written;
         match self.style {
             Style::StreamJson { .. } => {
-                let id = lines::fake_id("msg");
-                let line =
-                    lines::assistant(&self.session, &id, vec![lines::text_block(text)], now_ms());
-                self.json_line(&line)?;
+                let (head, tail) = self.flood_template();
+                let mut line = String::with_capacity(head.len() + text.len() + tail.len() + 1);
+                for (part, with_text) in [(head, true), (tail, false)] {
+                    line.push_str(
+                        &part
+                            .replace(MARK_MESSAGE_ID, &lines::fake_id("msg"))
+                            .replace(MARK_UUID, &lines::uuid_v4())
+                            .replace(MARK_REQUEST_ID, &lines::fake_id("req"))
+                            .replace(MARK_TIMESTAMP, &lines::timestamp(now_ms())),
+                    );
+                    if with_text {
+                        line.push_str(text);
+                    }
+                }
+                line.push('\n');
+                self.write_bytes(line.as_bytes())?;
             }
             Style::Plain => self.plain_line(text)?,
-            Style::Json | Style::Text => {}
+            Style::Json | Style::Text => return Ok(text.len() as u64 + 1),
         }
         Ok(self.written - before)
+    }
+
+    /// The flood line serialized once around markers: serializing megabytes of text through
+    /// `Value` would make the flood slower than the pipe. Sound because flood text needs no
+    /// JSON escaping (see `flood::Corpus`).
+    fn flood_template(&mut self) -> (String, String) {
+        if self.flood_template.is_none() {
+            let mut line = lines::assistant(
+                &self.session,
+                MARK_MESSAGE_ID,
+                vec![lines::text_block(MARK_TEXT)],
+                0,
+            );
+            line["uuid"] = json!(MARK_UUID);
+            line["request_id"] = json!(MARK_REQUEST_ID);
+            line["timestamp"] = json!(MARK_TIMESTAMP);
+            let text = type_first(&line);
+            let (head, tail) = text.split_once(MARK_TEXT).unwrap_or((&text, ""));
+            self.flood_template = Some((head.to_owned(), tail.to_owned()));
+        }
+        self.flood_template.clone().unwrap_or_default()
     }
 
     /// The final outcome; the only output of `json` and `text`.
@@ -372,6 +415,42 @@ mod tests {
             assert_eq!(out.flood_line(&text).unwrap(), overhead + len as u64);
         }
         assert_eq!(out.written as usize, out.out.len());
+    }
+
+    #[test]
+    fn flood_lines_are_ordinary_assistant_lines() {
+        let mut out = output(Style::StreamJson { partial: false });
+        out.flood_line("Some prose.").unwrap();
+        out.flood_line("More prose.").unwrap();
+        let lines = parsed_lines(&out);
+        let reference = lines::assistant(
+            &out.session,
+            "msg_fake000000000000000000000000",
+            vec![lines::text_block("Some prose.")],
+            0,
+        );
+        let keys = |v: &Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
+        assert_eq!(keys(&lines[0]), keys(&reference));
+        assert_eq!(keys(&lines[0]["message"]), keys(&reference["message"]));
+        assert_eq!(
+            lines[0]["message"]["content"],
+            reference["message"]["content"]
+        );
+        assert_eq!(lines[0]["session_id"], "s");
+        assert_eq!(lines[1]["message"]["content"][0]["text"], "More prose.");
+        for key in ["uuid", "request_id"] {
+            assert_ne!(lines[0][key], lines[1][key]);
+            assert!(!lines[0][key].as_str().unwrap().contains('@'));
+        }
+        assert_ne!(lines[0]["message"]["id"], lines[1]["message"]["id"]);
+        assert_eq!(lines[0]["timestamp"].as_str().map(str::len), Some(24));
+    }
+
+    #[test]
+    fn flood_without_printed_output_still_counts() {
+        let mut out = output(Style::Json);
+        assert_eq!(out.flood_line("abc").unwrap(), 4);
+        assert!(out.out.is_empty());
     }
 
     #[test]
