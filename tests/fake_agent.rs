@@ -1,0 +1,818 @@
+//! Integration tests of tools/fake-agent, driving the binary as walkie will.
+//!
+//! The output is compared with real captures of the Claude Code CLI (copied into
+//! tools/fake-agent/fixtures/): same line types in the same order and the keys walkie reads.
+//! Signal tests wait for the line that proves the agent reached the state under test before
+//! signalling; a watchdog bounds every read so a broken agent fails the test instead of
+//! hanging it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_fake-agent");
+const WATCHDOG: Duration = Duration::from_secs(10);
+
+fn fixture(name: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools/fake-agent/fixtures")
+        .join(format!("{name}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// walkie's default agent template, with `prompt` in place.
+fn stream_args(prompt: &str) -> Vec<String> {
+    [
+        "-p",
+        prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-mode",
+        "acceptEdits",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn command(dir: &Path, args: &[String]) -> Command {
+    let mut cmd = Command::new(EXE);
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("FAKE_AGENT_DIRECTIVES")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+struct Finished {
+    stdout: Vec<u8>,
+    stderr: String,
+    status: ExitStatus,
+}
+
+impl Finished {
+    fn lines(&self) -> Vec<Value> {
+        String::from_utf8(self.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// Runs to completion (bounded by the watchdog).
+fn run_in(dir: &Path, args: &[String]) -> Finished {
+    let mut agent = Agent::spawn(command(dir, args));
+    let stdout = agent.rest();
+    let (status, stderr) = agent.wait();
+    Finished {
+        stdout,
+        stderr,
+        status,
+    }
+}
+
+fn run(dir: &Path, prompt: &str) -> Finished {
+    run_in(dir, &stream_args(prompt))
+}
+
+/// A running agent whose stdout lines arrive through a reader thread.
+struct Agent {
+    child: Child,
+    lines: Receiver<Vec<u8>>,
+    deadline: Instant,
+}
+
+impl Agent {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = Vec::new();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Agent {
+            child,
+            lines,
+            deadline: Instant::now() + WATCHDOG,
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).unwrap();
+    }
+
+    /// The next line, None at end of output.
+    fn next_line(&mut self) -> Option<Vec<u8>> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("fake-agent stuck"),
+        }
+    }
+
+    /// Reads lines until one satisfies `wanted`; returns it parsed.
+    fn wait_for(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let line = self.next_line().expect("output ended first");
+            if let Ok(value) = serde_json::from_slice::<Value>(&line)
+                && wanted(&value)
+            {
+                return value;
+            }
+        }
+    }
+
+    /// Everything until the end of output.
+    fn rest(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(line) = self.next_line() {
+            out.extend(line);
+        }
+        out
+    }
+
+    fn wait(&mut self) -> (ExitStatus, String) {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            pipe.read_to_string(&mut stderr).unwrap();
+        }
+        (self.child.wait().unwrap(), stderr)
+    }
+
+    /// Whether the signal has been taken off the process's pending set (delivered).
+    fn signal_delivered(&self, signal: Signal) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
+        let Ok(status) = status else {
+            return true; // gone
+        };
+        let bit = 1u64 << (signal as i32 - 1);
+        status
+            .lines()
+            .filter(|l| l.starts_with("ShdPnd:") || l.starts_with("SigPnd:"))
+            .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+            .all(|mask| mask & bit == 0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn parse_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `type` or `type/subtype` of each line, consecutive repeats collapsed (the real CLI may
+/// split one message's blocks over several lines).
+fn shape(lines: &[Value]) -> Vec<String> {
+    let mut shape: Vec<String> = Vec::new();
+    for line in lines {
+        let kind = match (line["type"].as_str(), line["subtype"].as_str()) {
+            (Some(t), Some(s)) => format!("{t}/{s}"),
+            (Some(t), None) => t.to_owned(),
+            _ => panic!("no type: {line}"),
+        };
+        if shape.last() != Some(&kind) {
+            shape.push(kind);
+        }
+    }
+    shape
+}
+
+/// The keys walkie relies on, per line type (reference/claude-cli.md).
+fn required_keys(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "system/init" => &[
+            "type",
+            "subtype",
+            "cwd",
+            "session_id",
+            "tools",
+            "model",
+            "permissionMode",
+            "claude_code_version",
+            "uuid",
+        ],
+        "assistant" | "user" => &[
+            "type",
+            "message",
+            "parent_tool_use_id",
+            "session_id",
+            "uuid",
+        ],
+        "result" => &[
+            "type",
+            "subtype",
+            "is_error",
+            "duration_ms",
+            "num_turns",
+            "session_id",
+            "total_cost_usd",
+            "usage",
+            "permission_denials",
+            "terminal_reason",
+            "uuid",
+        ],
+        _ => &["type", "session_id", "uuid"],
+    }
+}
+
+fn kind(line: &Value) -> String {
+    shape(std::slice::from_ref(line)).remove(0)
+}
+
+fn blocks(line: &Value) -> Vec<Value> {
+    line["message"]["content"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Same line types in the same order as `fixture`, the required keys on every line (checked
+/// on the fixture too, so the list stays true to the real CLI), content blocks shaped alike.
+fn assert_like_fixture(ours: &[Value], fixture_name: &str) {
+    let real = fixture(fixture_name);
+    assert_eq!(
+        shape(ours),
+        shape(&real),
+        "line types vs fixture {fixture_name}"
+    );
+    for line in real.iter().chain(ours) {
+        for key in required_keys(&kind(line)) {
+            assert!(line.get(*key).is_some(), "{key} missing in {line}");
+        }
+        for block in blocks(line) {
+            let keys: &[&str] = match block["type"].as_str() {
+                Some("text") => &["text"],
+                Some("tool_use") => &["id", "name", "input"],
+                Some("tool_result") => &["tool_use_id", "content"],
+                other => panic!("unexpected block {other:?} in {line}"),
+            };
+            for key in keys {
+                assert!(block.get(*key).is_some(), "{key} missing in block {block}");
+            }
+        }
+    }
+    let session = &ours[0]["session_id"];
+    assert!(ours.iter().all(|l| &l["session_id"] == session));
+}
+
+fn result_line(lines: &[Value]) -> &Value {
+    let last = lines.last().expect("no output");
+    assert_eq!(last["type"], "result", "last line {last}");
+    last
+}
+
+fn tool_uses(lines: &[Value]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "assistant")
+        .flat_map(blocks)
+        .filter(|b| b["type"] == "tool_use")
+        .collect()
+}
+
+fn is_uuid_v4(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && text.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+        && parts[2].starts_with('4')
+}
+
+#[test]
+fn default_run_looks_like_the_write_fixture_and_writes_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "tidy the docs");
+    assert!(done.status.success(), "{}", done.stderr);
+    let lines = done.lines();
+    assert_like_fixture(&lines, "write");
+    let init = &lines[0];
+    assert_eq!(init["cwd"], dir.path().display().to_string());
+    assert_eq!(init["permissionMode"], "acceptEdits");
+    assert!(is_uuid_v4(init["session_id"].as_str().unwrap()));
+    let uuids: std::collections::HashSet<&str> =
+        lines.iter().filter_map(|l| l["uuid"].as_str()).collect();
+    assert_eq!(uuids.len(), lines.len(), "every line has its own uuid");
+
+    let writes = tool_uses(&lines);
+    let notes = dir.path().join("notes-1.md");
+    assert_eq!(writes[0]["name"], "Write");
+    assert_eq!(writes[0]["input"]["file_path"], notes.display().to_string());
+    assert!(
+        std::fs::read_to_string(&notes)
+            .unwrap()
+            .contains("tidy the docs")
+    );
+
+    let result = result_line(&lines);
+    assert_eq!(result["subtype"], "success");
+    assert_eq!(result["is_error"], false);
+    assert_eq!(result["result"], "Done: tidy the docs");
+    assert_eq!(result["num_turns"], 2);
+
+    // A follow-up adds a file instead of overwriting the first.
+    let again = run(dir.path(), "more");
+    assert!(again.status.success());
+    assert!(dir.path().join("notes-2.md").exists());
+}
+
+#[test]
+fn session_ids_resume_and_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = run(dir.path(), "@sleep=0 one").lines();
+    let id = first[0]["session_id"].as_str().unwrap().to_owned();
+    let other = run(dir.path(), "@sleep=0 two").lines();
+    assert_ne!(other[0]["session_id"], first[0]["session_id"]);
+
+    let mut args = stream_args("@sleep=0 follow up");
+    args.extend(["--resume".into(), id.clone()]);
+    let resumed = run_in(dir.path(), &args).lines();
+    assert!(resumed.iter().all(|l| l["session_id"] == id.as_str()));
+    let cost = |lines: &[Value]| result_line(lines)["total_cost_usd"].as_f64().unwrap();
+    assert!(cost(&resumed) > cost(&first), "resumed cost is cumulative");
+    assert_eq!(shape(&fixture("resume2"))[0], shape(&resumed)[0]);
+
+    let chosen = "11111111-2222-4333-8444-555555555555";
+    let mut args = stream_args("@sleep=0 fresh");
+    args.extend(["--session-id".into(), chosen.into()]);
+    let lines = run_in(dir.path(), &args).lines();
+    assert!(lines.iter().all(|l| l["session_id"] == chosen));
+}
+
+#[test]
+fn stream_json_without_verbose_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["-p", "hi", "--output-format", "stream-json"].map(String::from);
+    let done = run_in(dir.path(), &args);
+    assert_eq!(done.status.code(), Some(1));
+    assert!(done.stdout.is_empty());
+    assert!(
+        done.stderr.contains("requires --verbose"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
+fn json_and_text_formats_print_only_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["-p", "@sleep=0 hello", "--output-format", "json"].map(String::from);
+    let lines = run_in(dir.path(), &args).lines();
+    assert_eq!(shape(&lines), shape(&fixture("json")));
+    assert_eq!(lines[0]["result"], "Done: hello");
+
+    let args = ["--print", "@sleep=0 hello", "--model", "sonnet"].map(String::from);
+    let done = run_in(dir.path(), &args);
+    assert_eq!(String::from_utf8(done.stdout).unwrap(), "Done: hello\n");
+}
+
+#[test]
+fn unknown_flags_and_environment_directives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = stream_args("say it");
+    args.splice(
+        0..0,
+        ["--bare", "--append-system-prompt", "be brief"].map(String::from),
+    );
+    let mut cmd = command(dir.path(), &args);
+    cmd.env("FAKE_AGENT_DIRECTIVES", "@sleep=0 @text=from_the_env");
+    let mut agent = Agent::spawn(cmd);
+    let lines = parse_lines(&agent.rest());
+    assert!(agent.wait().0.success());
+    assert_eq!(result_line(&lines)["result"], "from the env");
+}
+
+#[test]
+fn bad_directive_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=soon");
+    assert_eq!(done.status.code(), Some(2));
+    assert!(done.stderr.contains("@sleep"), "{}", done.stderr);
+}
+
+#[test]
+fn edit_and_bash_look_like_their_fixtures() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @edit=hello.txt");
+    assert!(done.status.success());
+    assert_like_fixture(&done.lines(), "edit");
+    let done = run(dir.path(), "@sleep=0 @bash=echo_hi");
+    assert!(done.status.success());
+    assert_like_fixture(&done.lines(), "bash");
+}
+
+#[test]
+fn write_edit_and_bash_tools() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("old.txt"), "first line\nsecond\n").unwrap();
+    let done = run(
+        dir.path(),
+        "@sleep=0 @write=src/new.rs @edit=old.txt @edit=missing.txt @bash=touch_ran.txt",
+    );
+    assert!(done.status.success());
+    let lines = done.lines();
+    let names: Vec<Value> = tool_uses(&lines)
+        .iter()
+        .map(|t| t["name"].clone())
+        .collect();
+    assert_eq!(names, ["Write", "Edit", "Write", "Edit", "Bash"]);
+    assert!(
+        std::fs::read_to_string(dir.path().join("src/new.rs"))
+            .unwrap()
+            .starts_with("Written by fake-agent")
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("old.txt")).unwrap(),
+        "first line (edited by fake-agent)\nsecond\n"
+    );
+    assert!(dir.path().join("missing.txt").exists());
+    assert_eq!(tool_uses(&lines)[4]["input"]["command"], "touch ran.txt");
+    assert!(
+        !dir.path().join("ran.txt").exists(),
+        "Bash commands are not run"
+    );
+    assert!(!dir.path().join("notes-1.md").exists());
+}
+
+#[test]
+fn fail_is_an_api_error_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @fail anything");
+    assert_eq!(done.status.code(), Some(1));
+    let lines = done.lines();
+    assert_like_fixture(&lines, "error401");
+    let result = result_line(&lines);
+    assert_eq!(result["subtype"], "success");
+    assert_eq!(result["is_error"], true);
+    assert_eq!(result["api_error_status"], 401);
+    assert!(
+        result["result"]
+            .as_str()
+            .unwrap()
+            .contains("API Error: 401")
+    );
+}
+
+#[test]
+fn maxturns_and_the_max_turns_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @maxturns loop");
+    assert_eq!(done.status.code(), Some(1));
+    let lines = done.lines();
+    assert_like_fixture(&lines, "maxturns");
+    let result = result_line(&lines);
+    assert_eq!(result["subtype"], "error_max_turns");
+    assert!(result.get("result").is_none());
+
+    let mut args = stream_args("@sleep=0 @bash=a @bash=b");
+    args.extend(["--max-turns".into(), "1".into()]);
+    let done = run_in(dir.path(), &args);
+    assert_eq!(done.status.code(), Some(1));
+    let lines = done.lines();
+    assert_eq!(tool_uses(&lines).len(), 1);
+    assert_eq!(result_line(&lines)["subtype"], "error_max_turns");
+}
+
+#[test]
+fn exit_directive_forces_the_status_after_a_normal_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @exit=3");
+    assert_eq!(done.status.code(), Some(3));
+    assert_eq!(result_line(&done.lines())["is_error"], false);
+}
+
+#[test]
+fn sigint_prints_an_interrupted_result_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@stall wait")));
+    let init = agent.wait_for(|l| l["subtype"] == "init");
+    agent.signal(Signal::SIGINT);
+    let mut lines = vec![init];
+    lines.extend(parse_lines(&agent.rest()));
+    assert!(agent.wait().0.success());
+    let result = result_line(&lines);
+    assert_eq!(result["subtype"], "error_during_execution");
+    assert_eq!(result["is_error"], true);
+    assert_eq!(
+        blocks(&lines[1])[0]["text"],
+        "[Request interrupted by user]"
+    );
+}
+
+#[test]
+fn sigterm_exits_143_without_a_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@stall wait")));
+    let init = agent.wait_for(|l| l["subtype"] == "init");
+    agent.signal(Signal::SIGTERM);
+    let mut lines = vec![init];
+    lines.extend(parse_lines(&agent.rest()));
+    assert_eq!(agent.wait().0.code(), Some(143));
+    assert_eq!(shape(&lines), shape(&fixture("sigterm")));
+}
+
+#[test]
+fn ignore_term_survives_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@stall @ignore-term")));
+    agent.wait_for(|l| l["subtype"] == "init");
+    agent.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + WATCHDOG;
+    while !agent.signal_delivered(Signal::SIGTERM) {
+        assert!(Instant::now() < deadline, "SIGTERM never delivered");
+        std::thread::yield_now();
+    }
+    assert!(matches!(agent.child.try_wait(), Ok(None)), "still running");
+    // Still alive and still answering: SIGINT ends it the normal way.
+    agent.signal(Signal::SIGINT);
+    let lines = parse_lines(&agent.rest());
+    assert_eq!(agent.wait().0.code(), Some(0));
+    assert_eq!(result_line(&lines)["subtype"], "error_during_execution");
+}
+
+#[test]
+fn ignore_int_survives_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@stall @ignore-int")));
+    agent.wait_for(|l| l["subtype"] == "init");
+    agent.signal(Signal::SIGINT);
+    let deadline = Instant::now() + WATCHDOG;
+    while !agent.signal_delivered(Signal::SIGINT) {
+        assert!(Instant::now() < deadline, "SIGINT never delivered");
+        std::thread::yield_now();
+    }
+    agent.signal(Signal::SIGTERM);
+    let rest = agent.rest();
+    assert_eq!(agent.wait().0.code(), Some(143));
+    assert!(rest.is_empty(), "no result after an ignored SIGINT");
+}
+
+/// Kills and reaps the grandchild however the test ends.
+struct Grandchild(Pid);
+
+impl Drop for Grandchild {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(self.0, None);
+    }
+}
+
+fn stat_fields(pid: Pid) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; fields after it are plain.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split_whitespace().map(String::from).collect()
+}
+
+#[test]
+fn grandchild_lives_in_its_own_session_like_the_sigint_tool_fixture() {
+    // Orphans are re-parented to us, so the test can reap the grandchild it leaves.
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@grandchild @stall")));
+    let mut lines = vec![agent.wait_for(|l| l["subtype"] == "init")];
+    lines.push(agent.wait_for(|l| l["type"] == "assistant"));
+    lines.push(agent.wait_for(|l| l["subtype"] == "task_started"));
+    let pid_text = std::fs::read_to_string(dir.path().join("grandchild.pid")).unwrap();
+    let grandchild = Grandchild(Pid::from_raw(pid_text.trim().parse().unwrap()));
+    let command = tool_uses(&lines)[0]["input"]["command"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(command.contains("--sleep-forever"), "{command}");
+
+    // stat fields after the name: state, ppid, pgrp, session, …
+    let theirs = stat_fields(grandchild.0);
+    let agents = stat_fields(agent.pid());
+    assert_eq!(theirs[3], grandchild.0.to_string(), "leads its own session");
+    assert_ne!(theirs[3], agents[3]);
+    assert_ne!(theirs[2], agents[2], "not in the agent's process group");
+
+    agent.signal(Signal::SIGINT);
+    lines.extend(parse_lines(&agent.rest()));
+    assert!(agent.wait().0.success());
+    assert_like_fixture(&lines, "sigint-tool");
+    assert_eq!(result_line(&lines)["terminal_reason"], "aborted_tools");
+
+    // The agent is gone; its grandchild is not (walkie has to sweep it).
+    let state = &stat_fields(grandchild.0)[0];
+    assert_ne!(state, "Z", "grandchild outlives the agent");
+    assert_eq!(stat_fields(grandchild.0)[1], std::process::id().to_string());
+}
+
+#[test]
+fn flood_writes_exactly_the_requested_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 * 1024 * 1024;
+    let done = run(dir.path(), "@sleep=0 @flood=2M");
+    assert!(done.status.success());
+    let text = String::from_utf8(done.stdout).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    // Everything between the init line and the final assistant text is flood.
+    let flood = &all[1..all.len() - 2];
+    let bytes: usize = flood.iter().map(|l| l.len() + 1).sum();
+    assert_eq!(bytes, size);
+    for line in flood {
+        let value: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["type"], "assistant");
+        let block_len = blocks(&value)[0]["text"].as_str().unwrap().len();
+        assert!(block_len <= 4096, "text blocks of at most 4 KB");
+    }
+    assert!(flood.len() > size / 4096, "many paragraph-sized lines");
+    assert_eq!(
+        result_line(&parse_lines(text.as_bytes()))["is_error"],
+        false
+    );
+}
+
+#[test]
+fn paced_flood_without_size_runs_until_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(command(dir.path(), &stream_args("@flood-rate=200K")));
+    agent.wait_for(|l| l["subtype"] == "init");
+    for _ in 0..3 {
+        agent.wait_for(|l| l["type"] == "assistant");
+    }
+    agent.signal(Signal::SIGINT);
+    let lines = parse_lines(&agent.rest());
+    assert!(agent.wait().0.success());
+    assert_eq!(result_line(&lines)["subtype"], "error_during_execution");
+}
+
+#[test]
+fn oversize_is_one_line_of_the_given_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @oversize=1M");
+    assert!(done.status.success());
+    let text = String::from_utf8(done.stdout).unwrap();
+    let big: Vec<&str> = text.lines().filter(|l| l.len() > 100_000).collect();
+    assert_eq!(big.len(), 1);
+    assert_eq!(big[0].len() + 1, 1024 * 1024);
+    let value: Value = serde_json::from_str(big[0]).unwrap();
+    assert_eq!(value["type"], "assistant");
+    assert_eq!(
+        result_line(&parse_lines(text.as_bytes()))["subtype"],
+        "success"
+    );
+}
+
+#[test]
+fn env_prints_the_whole_environment_sorted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = command(dir.path(), &stream_args("@sleep=0 @env"));
+    cmd.env_clear()
+        .env("ZED", "last")
+        .env("ALPHA", "first")
+        .env("MIDDLE", "a=b");
+    let mut agent = Agent::spawn(cmd);
+    let lines = parse_lines(&agent.rest());
+    assert!(agent.wait().0.success());
+    let expected = "ALPHA=first\nMIDDLE=a=b\nZED=last";
+    assert_eq!(result_line(&lines)["result"], expected);
+    let texts: Vec<Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "assistant")
+        .flat_map(blocks)
+        .map(|b| b["text"].clone())
+        .collect();
+    assert!(texts.contains(&Value::from(expected)));
+}
+
+#[test]
+fn malformed_lines_come_before_the_normal_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @malformed");
+    assert!(done.status.success());
+    let raw: Vec<&[u8]> = done.stdout.split(|b| *b == b'\n').collect();
+    assert!(
+        std::str::from_utf8(&done.stdout).is_err(),
+        "holds invalid UTF-8"
+    );
+    let parsed: Vec<Option<Value>> = raw
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).ok())
+        .collect();
+    let not_json = parsed.iter().filter(|p| p.is_none()).count();
+    assert!(not_json >= 3, "garbage, truncated, invalid UTF-8");
+    let values: Vec<&Value> = parsed.iter().flatten().collect();
+    assert!(values.iter().any(|v| **v == serde_json::json!([])));
+    assert!(values.iter().any(|v| **v == serde_json::json!({})));
+    assert!(values.iter().any(|v| v["type"] == 5));
+    assert!(
+        values.iter().any(|v| v["status"] == "split-line"),
+        "the split line is whole"
+    );
+    let init = values.iter().position(|v| v["subtype"] == "init").unwrap();
+    assert!(init >= 4, "the bad lines come first");
+    assert_eq!(values.last().unwrap()["subtype"], "success");
+}
+
+#[test]
+fn plain_prints_no_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @plain do things");
+    assert!(done.status.success());
+    let text = String::from_utf8(done.stdout).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(serde_json::from_str::<Value>(line).is_err(), "{line}");
+    }
+    assert!(text.contains("Done: do things"));
+}
+
+#[test]
+fn secret_text_stderr_and_pidfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(
+        dir.path(),
+        "@sleep=0 @secret @stderr=warning_here @pidfile=agent.pid",
+    );
+    assert!(done.status.success());
+    let result = result_line(&done.lines())["result"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for secret in [
+        "sk-proj-",
+        "ghp_",
+        "https://bob:hunter2@example.com",
+        "DB_PASSWORD=",
+    ] {
+        assert!(result.contains(secret), "{secret} in {result}");
+    }
+    assert!(done.stderr.contains("warning here"));
+    let pid: u32 = std::fs::read_to_string(dir.path().join("agent.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pid > 0);
+
+    let done = run(dir.path(), "@sleep=0 @text=All_good");
+    assert_eq!(result_line(&done.lines())["result"], "All good");
+}
+
+#[test]
+fn partial_messages_add_stream_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = stream_args("@sleep=0 @text=Hello_from_the_fake_Anthropic_server.");
+    args.push("--include-partial-messages".into());
+    let lines = run_in(dir.path(), &args).lines();
+    let real = fixture("partial");
+    let kinds: BTreeMap<String, usize> = lines.iter().fold(BTreeMap::new(), |mut m, l| {
+        *m.entry(kind(l)).or_default() += 1;
+        m
+    });
+    for line in &real {
+        assert!(kinds.contains_key(&kind(line)), "{} missing", kind(line));
+    }
+    let streamed: String = lines
+        .iter()
+        .rev()
+        .skip_while(|l| l["type"] != "assistant")
+        .take_while(|l| l["type"] != "user")
+        .filter_map(|l| l["event"]["delta"]["text"].as_str())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert_eq!(streamed, "Hello from the fake Anthropic server.");
+}
