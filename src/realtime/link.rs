@@ -73,7 +73,8 @@ pub struct LinkSettings {
     pub api_key: Option<String>,
     /// Extra PEM trust anchors on top of the webpki roots.
     pub ca_file: Option<PathBuf>,
-    /// Own pings this often; a socket silent for two intervals is dead.
+    /// Own pings this often; a socket silent for two intervals is dead. Zero turns both
+    /// off (only for tests and peers that cannot take pings).
     pub ping_interval: Duration,
     /// First reconnect delay (500 ms by default).
     pub backoff_min: Duration,
@@ -550,7 +551,7 @@ impl Link {
                 let error = format!("{addr}: timed out after {}", human(self.connect_timeout));
                 self.connect_next(registry, now, remaining, Some(error));
             }
-            State::Open(open) => {
+            State::Open(open) if !interval.is_zero() => {
                 let silent = now.saturating_duration_since(open.last_rx);
                 if silent >= interval * 2 {
                     let reason = format!("no data from the server for {}", human(silent));
@@ -576,6 +577,7 @@ impl Link {
             State::Resolving { deadline, .. }
             | State::TcpConnecting { deadline, .. }
             | State::Handshaking { deadline, .. } => Some(*deadline),
+            State::Open(_) if self.settings.ping_interval.is_zero() => None,
             State::Open(open) => Some(
                 open.ping_due
                     .min(open.last_rx + self.settings.ping_interval * 2),
@@ -1648,10 +1650,12 @@ mod tests {
         // The echo server sends nothing by itself; only its pong answers prove it alive.
         let server = echo_server(None);
         let mut s = settings(server.ws_url());
-        s.ping_interval = Duration::from_millis(100);
+        // Generous against a loaded machine: the pong may take up to one interval to arrive.
+        s.ping_interval = Duration::from_millis(400);
         let mut h = Harness::started(s);
         h.wait_open();
-        h.run_for(Duration::from_millis(800));
+        // Without pings the link would be declared dead after 800 ms.
+        h.run_for(Duration::from_millis(2000));
         assert_eq!(h.link.status(), LinkStatus::Connected, "{:?}", h.seen);
         assert!(
             !h.seen.iter().any(|e| matches!(e, LinkEvent::Closed { .. })),
@@ -1895,6 +1899,19 @@ mod tests {
             ms[3] >= 60 && ms[4] >= 60 && ms.iter().all(|&d| (10..=80).contains(&d)),
             "{ms:?}"
         );
+    }
+
+    #[test]
+    fn endpoints_default_ports_and_accept_loopback_names() {
+        let e = Endpoint::parse("wss://api.openai.com/v1/realtime?model=gpt-realtime").unwrap();
+        assert!(e.secure);
+        assert_eq!((e.host.as_str(), e.port), ("api.openai.com", 443));
+        let e = Endpoint::parse("ws://[::1]:8080/v1/realtime").unwrap();
+        assert_eq!((e.host.as_str(), e.port, e.secure), ("::1", 8080, false));
+        let e = Endpoint::parse("ws://LOCALHOST/").unwrap();
+        assert_eq!(e.port, 80);
+        assert!(Endpoint::parse("ws://10.0.0.1:80/").is_err());
+        assert!(Endpoint::parse("wss:///path").is_err());
     }
 
     #[test]
