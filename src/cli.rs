@@ -150,7 +150,7 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
     };
     let (request, json) = match sub.as_str() {
         "status" | "tasks" | "transcript" | "events" => {
-            let opts = Opts::parse(more, &[], &["--json"])?;
+            let mut opts = Opts::parse(more, &[], &["--json"])?;
             opts.no_positionals()?;
             let req = match sub.as_str() {
                 "status" => Request::Status,

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::event::Event;
-use mio::Registry;
 use serde_json::{Value, json};
 
 use crate::audio::{Audio, AudioReport, AudioSettings};
@@ -138,7 +137,7 @@ impl Daemon {
         let mut conv = Conversation::new(conversation_settings(&config));
         conv.restore_transcript(saved.transcript);
         let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
-        let mut signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
+        let signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
         signals.register(reactor.registry(), reactor::SIGNALS).map_err(|e| fail("signalfd", &e))?;
         let trace = match trace_path {
             Some(p) => Some(Trace::create(&p, started).map_err(|e| fail(&format!("trace file {}", p.display()), &e))?),

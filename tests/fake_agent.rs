@@ -1,7 +1,7 @@
 //! Integration tests of tools/fake-agent, driving the binary as walkie will.
 //!
 //! The output is compared with real captures of the Claude Code CLI (copied into
-//! tools/fake-agent/fixtures/): same line types in the same order and the keys walkie reads.
+//! tests/fixtures/claude-cli/): same line types in the same order and the keys walkie reads.
 //! Signal tests wait for the line that proves the agent reached the state under test before
 //! signalling; a watchdog bounds every read so a broken agent fails the test instead of
 //! hanging it.
@@ -21,9 +21,16 @@ const EXE: &str = env!("CARGO_BIN_EXE_fake-agent");
 const WATCHDOG: Duration = Duration::from_secs(10);
 
 fn fixture(name: &str) -> Vec<Value> {
+    // The real CLI captures (tests/fixtures/claude-cli/<case>/stdout.jsonl; the resumed run
+    // of the resume case is stdout2.jsonl).
+    let (case, file) = match name {
+        "resume2" => ("resume", "stdout2.jsonl"),
+        other => (other, "stdout.jsonl"),
+    };
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tools/fake-agent/fixtures")
-        .join(format!("{name}.jsonl"));
+        .join("tests/fixtures/claude-cli")
+        .join(case)
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap();
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())

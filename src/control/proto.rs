@@ -47,7 +47,21 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         Some(serde_json::Value::String(_)) => {}
         Some(_) => return Err("\"cmd\" must be a string".into()),
     }
-    serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
+    // serde's deny_unknown_fields does not reach the fields of unit variants of an
+    // internally tagged enum, so the allowed fields are checked here for every command.
+    let request: Request = serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
+    let allowed: &[&str] = match request {
+        Request::Start { .. } => &["prompt", "name", "project"],
+        Request::Continue { .. } => &["name", "prompt"],
+        Request::Cancel { .. } | Request::Result { .. } => &["name"],
+        Request::Logs { .. } => &["name", "follow"],
+        Request::Say { .. } => &["text"],
+        _ => &[],
+    };
+    if let Some(extra) = value.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| *k != "cmd" && !allowed.contains(&k.as_str())) {
+        return Err(format!("bad request: unknown field `{extra}` for this command"));
+    }
+    Ok(request)
 }
 
 /// `{"ok":false,"error":msg}`

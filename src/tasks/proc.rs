@@ -43,8 +43,8 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let ppid = rest.next()?.parse().ok()?;
     let pgid = rest.next()?.parse().ok()?;
     let sid = rest.next()?.parse().ok()?;
-    // Fields 8..21 (tty_nr … itrealvalue) are skipped; field 22 is starttime.
-    let start_time = rest.nth(14)?.parse().ok()?;
+    // Fields 7..21 (tty_nr … itrealvalue) are skipped; field 22 is starttime.
+    let start_time = rest.nth(15)?.parse().ok()?;
     Some(ProcStat { pid, state, ppid, pgid, sid, start_time })
 }
 
