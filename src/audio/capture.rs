@@ -55,7 +55,7 @@ impl CaptureWorker {
 
     /// The thread body.
     pub fn run(mut self) {
-        self.ctx.try_realtime();
+        self.ctx.setup_thread();
         while !self.ctx.shared.stopping() {
             let Err(error) = self.open_and_run() else {
                 return;

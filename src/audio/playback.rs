@@ -89,7 +89,7 @@ impl PlaybackWorker {
 
     /// The thread body.
     pub fn run(mut self) {
-        self.ctx.try_realtime();
+        self.ctx.setup_thread();
         let mut stand_in = vec![0i16; self.period_frames];
         while !self.ctx.shared.stopping() {
             let Err(error) = self.open_and_run() else {

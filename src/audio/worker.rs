@@ -76,8 +76,10 @@ impl ThreadCtx {
         let _ = self.waker.wake();
     }
 
-    /// Attempts SCHED_FIFO for the calling thread; a refusal is a warning.
-    pub fn try_realtime(&mut self) {
+    /// Prepares the calling thread: alsa-lib's own error printing off (the thread
+    /// reports), SCHED_FIFO attempted (a refusal is a warning).
+    pub fn setup_thread(&mut self) {
+        sched::silence_alsa_errors_on_this_thread();
         match sched::set_current_thread_fifo(sched::AUDIO_THREAD_PRIORITY) {
             Ok(()) => self
                 .cell()

@@ -1,5 +1,6 @@
-//! Real-time support for the audio threads: SCHED_FIFO, `mlockall`, and (debug builds) the
-//! allocation guard that enforces "no allocation in a period loop".
+//! Real-time support for the audio threads: SCHED_FIFO, `mlockall`, (debug builds) the
+//! allocation guard that enforces "no allocation in a period loop", and muting alsa-lib's
+//! own stderr messages on those threads.
 //!
 //! Owned by the capture and playback threads (`crate::audio`), which call
 //! [`set_current_thread_fifo`] once at start and wrap their period loops in
@@ -39,6 +40,45 @@ pub fn set_current_thread_fifo(priority: i32) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// alsa-lib's handler for its thread-local error hook: the `va_list` arrives as a pointer
+/// on every ABI walkie targets (x86-64 passes the array, aarch64 a copy by reference).
+type AlsaLocalErrorHandler = unsafe extern "C" fn(
+    file: *const libc::c_char,
+    line: libc::c_int,
+    func: *const libc::c_char,
+    err: libc::c_int,
+    fmt: *const libc::c_char,
+    args: *mut libc::c_void,
+);
+
+// libasound is linked by alsa-sys (through the `alsa` crate).
+unsafe extern "C" {
+    fn snd_lib_error_set_local(
+        func: Option<AlsaLocalErrorHandler>,
+    ) -> Option<AlsaLocalErrorHandler>;
+}
+
+unsafe extern "C" fn ignore_alsa_error(
+    _file: *const libc::c_char,
+    _line: libc::c_int,
+    _func: *const libc::c_char,
+    _err: libc::c_int,
+    _fmt: *const libc::c_char,
+    _args: *mut libc::c_void,
+) {
+}
+
+/// Stops alsa-lib from printing its own error lines to stderr from the calling thread.
+/// The audio threads report every failure themselves, once per outage, while alsa-lib
+/// would print "Unknown PCM …" on every reopen attempt of a missing device.
+pub fn silence_alsa_errors_on_this_thread() {
+    // SAFETY: installs a thread-local hook that alsa-lib calls with its own arguments;
+    // the hook reads none of them. alsa-lib ≥ 1.1.6 has this symbol.
+    unsafe {
+        snd_lib_error_set_local(Some(ignore_alsa_error));
     }
 }
 
