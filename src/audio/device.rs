@@ -130,8 +130,9 @@ pub enum OpenError {
 /// An open, configured ALSA PCM.
 pub struct AlsaPcm {
     pub pcm: PCM,
-    /// Negotiated period size, in frames.
+    /// Negotiated period and buffer size, in frames.
     pub period: usize,
+    pub buffer: usize,
 }
 
 /// Opens `device` for 24 kHz mono S16_LE with periods near `period_frames` and a buffer of
@@ -149,7 +150,7 @@ pub fn open_alsa(device: &str, dir: Direction, period_frames: usize) -> Result<A
             source,
         }
     };
-    let period = {
+    let (period, buffer) = {
         let hw = HwParams::any(&pcm).map_err(params("any hardware parameters"))?;
         hw.set_access(Access::RWInterleaved)
             .map_err(params("interleaved access"))?;
@@ -164,9 +165,9 @@ pub fn open_alsa(device: &str, dir: Direction, period_frames: usize) -> Result<A
             .map_err(params("the buffer size"))?;
         pcm.hw_params(&hw)
             .map_err(params("the hardware parameters"))?;
-        hw.get_period_size()
-            .map_err(params("the period size"))?
-            .max(1) as usize
+        let period = hw.get_period_size().map_err(params("the period size"))?;
+        let buffer = hw.get_buffer_size().map_err(params("the buffer size"))?;
+        (period.max(1) as usize, buffer.max(1) as usize)
     };
     {
         let sw = pcm
@@ -185,7 +186,11 @@ pub fn open_alsa(device: &str, dir: Direction, period_frames: usize) -> Result<A
     if dir == Direction::Capture {
         pcm.start().map_err(params("start"))?;
     }
-    Ok(AlsaPcm { pcm, period })
+    Ok(AlsaPcm {
+        pcm,
+        period,
+        buffer,
+    })
 }
 
 /// An ALSA PCM as the period loops see it. Borrows the PCM so the `IO` handle can be made

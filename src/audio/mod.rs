@@ -470,7 +470,9 @@ impl Audio {
     }
 
     /// While on, the capture thread wakes the loop every period so live audio goes out at
-    /// once; while off, the loop drains lazily (see [`Audio::next_deadline`]).
+    /// once; while off, the loop drains lazily (see [`Audio::next_deadline`]) and only the
+    /// pre-roll window keeps what is captured. Turning it off drops live samples not yet
+    /// read: read the tail with [`Audio::read_capture`] first.
     pub fn set_streaming(&mut self, on: bool) {
         if let Inner::Running(e) = &mut self.inner {
             e.streaming = on;
@@ -507,6 +509,11 @@ impl Audio {
             Inner::Disabled { queued } => *queued += pcm.len() as u64,
             Inner::Running(e) => {
                 e.queued += pcm.len() as u64;
+                if e.playback_thread.is_none() {
+                    // No thread will ever take it: count it as consumed, like backend none.
+                    e.overflow_discarded += pcm.len() as u64;
+                    return;
+                }
                 e.feed_playback();
                 if e.overflow.is_empty() {
                     let (pushed, rest) = e.play_ring.push_partial_slice(pcm);

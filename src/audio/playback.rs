@@ -41,9 +41,13 @@ pub enum PlaybackTarget {
 /// A sample louder than this makes its period audible (about -54 dBFS).
 const AUDIBLE_LEVEL: u16 = 64;
 
-/// How many periods a clockless device is kept ahead of the clock, so a late wake-up of
-/// the thread never starves it.
-const LEAD_PERIODS: i64 = 2;
+/// How far a clockless device is kept ahead of the clock: the buffer a sound card would
+/// have (four periods) plus one. The lead must exceed the device buffer: a device with a
+/// clock then fills up before the pacer holds the thread back, which is how the loop
+/// recognises it (and lets its clock, not the monotonic one, pace the stream).
+fn lead_frames(period: usize, device_buffer: usize) -> i64 {
+    (device_buffer.max(4 * period) + period) as i64
+}
 
 pub struct PlaybackWorker {
     ctx: ThreadCtx,
@@ -97,7 +101,8 @@ impl PlaybackWorker {
             };
             let wait = self.ctx.failed(error);
             let until = self.ctx.shared.now_ns() + u64::try_from(wait.as_nanos()).unwrap_or(0);
-            if self.run_periods(&mut NullSink, &mut stand_in, Some(until)) == Exit::Stop {
+            let lead = lead_frames(self.period_frames, 0);
+            if self.run_periods(&mut NullSink, &mut stand_in, lead, Some(until)) == Exit::Stop {
                 return;
             }
         }
@@ -114,7 +119,8 @@ impl PlaybackWorker {
                     .map_err(|e| format!("playback PCM \"{name}\": {e}"))?;
                 let mut buf = vec![0i16; alsa.period];
                 self.ctx.opened(&name);
-                let exit = self.run_periods(&mut dev, &mut buf, None);
+                let lead = lead_frames(alsa.period, alsa.buffer);
+                let exit = self.run_periods(&mut dev, &mut buf, lead, None);
                 (exit, name)
             }
             PlaybackTarget::Wav(Some(path)) => {
@@ -122,13 +128,15 @@ impl PlaybackWorker {
                 let mut buf = vec![0i16; self.period_frames];
                 let name = path.display().to_string();
                 self.ctx.opened(&name);
-                (self.run_periods(&mut dev, &mut buf, None), name)
+                let lead = lead_frames(self.period_frames, 0);
+                (self.run_periods(&mut dev, &mut buf, lead, None), name)
             }
             PlaybackTarget::Wav(None) => {
                 let mut buf = vec![0i16; self.period_frames];
                 let name = "discard".to_owned();
                 self.ctx.opened(&name);
-                (self.run_periods(&mut NullSink, &mut buf, None), name)
+                let lead = lead_frames(self.period_frames, 0);
+                (self.run_periods(&mut NullSink, &mut buf, lead, None), name)
             }
         };
         match exit {
@@ -137,23 +145,20 @@ impl PlaybackWorker {
         }
     }
 
-    /// The real-time period loop. `buf` is one period. With `until`, returns `Retry` at
-    /// that time (the stand-in's turn is over).
+    /// The real-time period loop. `buf` is one period; `lead` is how far a clockless
+    /// device runs ahead of the clock. With `until`, returns `Retry` at that time (the
+    /// stand-in's turn is over).
     fn run_periods<D: PlaybackDevice>(
         &mut self,
         dev: &mut D,
         buf: &mut [i16],
+        lead: i64,
         until: Option<u64>,
     ) -> Exit {
         let shared = Arc::clone(&self.ctx.shared);
         let _rt = sched::enter_real_time();
         let period = buf.len();
-        let mut pacer = Pacer::new(
-            shared.now_ns(),
-            SAMPLE_RATE,
-            LEAD_PERIODS * period as i64,
-            MAX_LATE_NS,
-        );
+        let mut pacer = Pacer::new(shared.now_ns(), SAMPLE_RATE, lead, MAX_LATE_NS);
         let mut clocked = false;
         // The part of `buf` not yet accepted by the device.
         let mut pending: Range<usize> = 0..0;

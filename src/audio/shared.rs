@@ -111,7 +111,9 @@ impl Shared {
     }
 
     pub fn instant_of(&self, ns: u64) -> Instant {
-        self.epoch + Duration::from_nanos(ns)
+        self.epoch
+            .checked_add(Duration::from_nanos(ns))
+            .unwrap_or(self.epoch)
     }
 
     pub fn stopping(&self) -> bool {
