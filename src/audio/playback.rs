@@ -1,0 +1,315 @@
+//! The playback thread ("walkie-playback"): owns the playback PCM (or the WAV sink), the
+//! consumer end of the speech ring and the producer end of the audible-span ring.
+//!
+//! Period loop: honour a flush (drop queued speech up to the flush mark, `snd_pcm_drop` +
+//! prepare at once), start requested earcons, and when the device has room (its clock, or
+//! the pacer for clockless devices) write one period: speech from the ring or silence, with
+//! earcons mixed over it with saturation. Silence keeps the device running so the timeline
+//! is continuous. Each non-silent period is published as an audible span (when it will be
+//! heard: now + the device latency) so the pre-roll can drop its echo; the speech samples
+//! taken are published as `consumed`. No allocation, lock, log or syscall other than ALSA,
+//! the clock, the sleep and the waker.
+//!
+//! While the device is gone, a null sink stands in (paced like any clockless device), so
+//! queued speech still drains at real time and the conversation does not wait forever for
+//! playback to finish; the real device is retried with backoff.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use alsa::Direction;
+use rtrb::{Consumer, Producer};
+
+use super::device::{AlsaDevice, NullSink, PlaybackDevice, Recovery, WavSink, open_alsa, recover};
+use super::pacer::Pacer;
+use super::shared::AudibleSpan;
+use super::worker::{Exit, MAX_LATE_NS, ThreadCtx, frames_ns, gone_message};
+use crate::sys::sched;
+use crate::voice::SAMPLE_RATE;
+
+/// Where the speaker output goes.
+#[derive(Debug, Clone)]
+pub enum PlaybackTarget {
+    /// An ALSA PCM name.
+    Alsa(String),
+    /// A WAV file receiving everything the speaker would play (no file: discarded).
+    Wav(Option<PathBuf>),
+}
+
+/// A sample louder than this makes its period audible (about -54 dBFS).
+const AUDIBLE_LEVEL: u16 = 64;
+
+/// How far a clockless device is kept ahead of the clock: the buffer a sound card would
+/// have (four periods) plus one. The lead must exceed the device buffer: a device with a
+/// clock then fills up before the pacer holds the thread back, which is how the loop
+/// recognises it (and lets its clock, not the monotonic one, pace the stream).
+fn lead_frames(period: usize, device_buffer: usize) -> i64 {
+    (device_buffer.max(4 * period) + period) as i64
+}
+
+pub struct PlaybackWorker {
+    ctx: ThreadCtx,
+    ring: Consumer<i16>,
+    spans: Producer<AudibleSpan>,
+    target: PlaybackTarget,
+    period_frames: usize,
+    earcons: Arc<[Vec<i16>; 5]>,
+    /// Position in each earcon being played.
+    cursors: [Option<usize>; 5],
+    /// Speech samples taken from the ring (written or discarded).
+    consumed: u64,
+    /// Every sample before this mark is discarded (the latest flush).
+    discard_upto: u64,
+    seen_epoch: u64,
+    /// A span the ring had no room for; merged with the next one.
+    pending_span: Option<AudibleSpan>,
+}
+
+impl PlaybackWorker {
+    pub fn new(
+        ctx: ThreadCtx,
+        ring: Consumer<i16>,
+        spans: Producer<AudibleSpan>,
+        target: PlaybackTarget,
+        period_frames: usize,
+        earcons: Arc<[Vec<i16>; 5]>,
+    ) -> PlaybackWorker {
+        PlaybackWorker {
+            ctx,
+            ring,
+            spans,
+            target,
+            period_frames,
+            earcons,
+            cursors: [None; 5],
+            consumed: 0,
+            discard_upto: 0,
+            seen_epoch: 0,
+            pending_span: None,
+        }
+    }
+
+    /// The thread body.
+    pub fn run(mut self) {
+        self.ctx.setup_thread();
+        let mut stand_in = vec![0i16; self.period_frames];
+        while !self.ctx.shared.stopping() {
+            let Err(error) = self.open_and_run() else {
+                return;
+            };
+            let wait = self.ctx.failed(error);
+            let until = self.ctx.shared.now_ns() + u64::try_from(wait.as_nanos()).unwrap_or(0);
+            let lead = lead_frames(self.period_frames, 0);
+            if self.run_periods(&mut NullSink, &mut stand_in, lead, Some(until)) == Exit::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Opens the target and runs the period loop on it until walkie stops (`Ok`) or the
+    /// device fails (`Err`: what to report).
+    fn open_and_run(&mut self) -> Result<(), String> {
+        let exit = match self.target.clone() {
+            PlaybackTarget::Alsa(name) => {
+                let alsa = open_alsa(&name, Direction::Playback, self.period_frames)
+                    .map_err(|e| e.to_string())?;
+                let mut dev = AlsaDevice::new(&alsa.pcm, false)
+                    .map_err(|e| format!("playback PCM \"{name}\": {e}"))?;
+                let mut buf = vec![0i16; alsa.period];
+                self.ctx.opened(&name);
+                let lead = lead_frames(alsa.period, alsa.buffer);
+                let exit = self.run_periods(&mut dev, &mut buf, lead, None);
+                (exit, name)
+            }
+            PlaybackTarget::Wav(Some(path)) => {
+                let mut dev = WavSink::create(&path).map_err(|e| e.to_string())?;
+                let mut buf = vec![0i16; self.period_frames];
+                let name = path.display().to_string();
+                self.ctx.opened(&name);
+                let lead = lead_frames(self.period_frames, 0);
+                (self.run_periods(&mut dev, &mut buf, lead, None), name)
+            }
+            PlaybackTarget::Wav(None) => {
+                let mut buf = vec![0i16; self.period_frames];
+                let name = "discard".to_owned();
+                self.ctx.opened(&name);
+                let lead = lead_frames(self.period_frames, 0);
+                (self.run_periods(&mut NullSink, &mut buf, lead, None), name)
+            }
+        };
+        match exit {
+            (Exit::Gone(errno), name) => Err(gone_message(&name, errno)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The real-time period loop. `buf` is one period; `lead` is how far a clockless
+    /// device runs ahead of the clock. With `until`, returns `Retry` at that time (the
+    /// stand-in's turn is over).
+    fn run_periods<D: PlaybackDevice>(
+        &mut self,
+        dev: &mut D,
+        buf: &mut [i16],
+        lead: i64,
+        until: Option<u64>,
+    ) -> Exit {
+        let shared = Arc::clone(&self.ctx.shared);
+        let _rt = sched::enter_real_time();
+        let period = buf.len();
+        let mut pacer = Pacer::new(shared.now_ns(), SAMPLE_RATE, lead, MAX_LATE_NS);
+        let mut clocked = false;
+        // The part of `buf` not yet accepted by the device.
+        let mut pending: Range<usize> = 0..0;
+        loop {
+            if shared.stopping() {
+                return Exit::Stop;
+            }
+            let now = shared.now_ns();
+            if until.is_some_and(|u| now >= u) {
+                return Exit::Retry;
+            }
+            let epoch = shared.flush_epoch.load(Ordering::Acquire);
+            if epoch != self.seen_epoch {
+                self.seen_epoch = epoch;
+                self.discard_upto = self
+                    .discard_upto
+                    .max(shared.flush_upto.load(Ordering::Acquire));
+                pending = 0..0;
+                if let Err(errno) = dev.drop_queued()
+                    && let Recovery::Gone(errno) = recover(dev, errno, &shared.playback)
+                {
+                    return Exit::Gone(errno);
+                }
+                pacer.restart(now);
+            }
+            self.discard();
+            let requests = shared.earcon_requests.swap(0, Ordering::Acquire);
+            for (i, cursor) in self.cursors.iter_mut().enumerate() {
+                if requests & (1 << i) != 0 {
+                    *cursor = Some(0);
+                }
+            }
+            if pending.is_empty() {
+                let avail = match dev.avail() {
+                    Ok(n) => n,
+                    Err(errno) => match recover(dev, errno, &shared.playback) {
+                        Recovery::Recovered => {
+                            pacer.restart(now);
+                            continue;
+                        }
+                        Recovery::Later => {
+                            self.ctx.sleep_until(now + frames_ns(period));
+                            continue;
+                        }
+                        Recovery::Gone(errno) => return Exit::Gone(errno),
+                    },
+                };
+                if avail < period {
+                    clocked = true;
+                    let wait = frames_ns(period - avail).clamp(1_000_000, frames_ns(period));
+                    self.ctx.sleep_until(now + wait);
+                    continue;
+                }
+                if !clocked && !pacer.is_due(now) {
+                    self.ctx.sleep_until(pacer.due_ns_u64());
+                    continue;
+                }
+                let latency = if clocked {
+                    dev.delay()
+                } else {
+                    pacer.ahead_frames(now) as usize
+                };
+                self.fill(buf);
+                if buf.iter().any(|s| s.unsigned_abs() > AUDIBLE_LEVEL) {
+                    let start_ns = now + frames_ns(latency);
+                    self.publish_span(AudibleSpan {
+                        start_ns,
+                        end_ns: start_ns + frames_ns(period),
+                        epoch: self.seen_epoch,
+                    });
+                } else if let Some(span) = self.pending_span.take() {
+                    self.publish_span(span);
+                }
+                pacer.advance(period as u64);
+                pending = 0..period;
+            }
+            match dev.write(&buf[pending.clone()]) {
+                Ok(n) => {
+                    pending.start += n.min(pending.len());
+                    if n == 0 {
+                        self.ctx.sleep_until(now + 1_000_000);
+                    }
+                }
+                Err(errno) => match recover(dev, errno, &shared.playback) {
+                    // The period is written again into the restarted stream.
+                    Recovery::Recovered => pacer.restart(now),
+                    Recovery::Later => self.ctx.sleep_until(now + 1_000_000),
+                    Recovery::Gone(errno) => return Exit::Gone(errno),
+                },
+            }
+        }
+    }
+
+    /// Drops speech up to the flush mark (as much of it as has reached the ring).
+    fn discard(&mut self) {
+        if self.consumed >= self.discard_upto {
+            return;
+        }
+        let want = (self.discard_upto - self.consumed).min(self.ring.slots() as u64) as usize;
+        if let Ok(chunk) = self.ring.read_chunk(want) {
+            chunk.commit_all();
+            self.consumed += want as u64;
+            self.ctx
+                .shared
+                .consumed
+                .store(self.consumed, Ordering::Release);
+        }
+    }
+
+    /// One period of output: speech (or silence) with the active earcons mixed in.
+    fn fill(&mut self, buf: &mut [i16]) {
+        buf.fill(0);
+        if self.consumed >= self.discard_upto {
+            let n = buf.len().min(self.ring.slots());
+            if let Ok(chunk) = self.ring.read_chunk(n) {
+                let (a, b) = chunk.as_slices();
+                buf[..a.len()].copy_from_slice(a);
+                buf[a.len()..a.len() + b.len()].copy_from_slice(b);
+                chunk.commit_all();
+                self.consumed += n as u64;
+                self.ctx
+                    .shared
+                    .consumed
+                    .store(self.consumed, Ordering::Release);
+            }
+        }
+        for (i, cursor) in self.cursors.iter_mut().enumerate() {
+            let Some(pos) = *cursor else { continue };
+            let pcm = &self.earcons[i];
+            let n = pcm.len().saturating_sub(pos).min(buf.len());
+            for (out, e) in buf[..n].iter_mut().zip(&pcm[pos..pos + n]) {
+                *out = out.saturating_add(*e);
+            }
+            *cursor = (pos + n < pcm.len()).then_some(pos + n);
+        }
+    }
+
+    /// Tells the main loop when the speaker is audible. A full ring (main loop stalled)
+    /// keeps the span and widens it with the next, so no echo interval is ever lost.
+    fn publish_span(&mut self, span: AudibleSpan) {
+        let span = match self.pending_span.take() {
+            Some(p) if p.epoch == span.epoch => AudibleSpan {
+                start_ns: p.start_ns.min(span.start_ns),
+                end_ns: p.end_ns.max(span.end_ns),
+                epoch: span.epoch,
+            },
+            // A span from before a flush: the main loop clips those at the flush anyway.
+            _ => span,
+        };
+        if let Err(rtrb::PushError::Full(span)) = self.spans.push(span) {
+            self.pending_span = Some(span);
+        }
+    }
+}
