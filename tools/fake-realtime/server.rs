@@ -405,6 +405,9 @@ impl Connection {
             }
             let now = Instant::now();
             self.session.handle_timeout(now);
+            // Published before writing, so a test that saw an event and asks `state` finds
+            // the state that event reflects.
+            self.publish_status();
             let usable = self.write_outputs(now);
             // Acknowledge once the command's frames are written, so a test that reads the
             // answer can expect them on its socket.
@@ -414,7 +417,6 @@ impl Connection {
             if !usable {
                 return End::Closed;
             }
-            self.publish_status();
             if self
                 .closing_since
                 .is_some_and(|since| since.elapsed() > CLOSE_GRACE)
