@@ -88,7 +88,9 @@ fn dispatch(args: &[String]) -> Result<i32, Usage> {
         "doctor" => {
             let mut opts = Opts::parse(rest, &["--config"], &[])?;
             opts.no_positionals()?;
-            Ok(crate::daemon::doctor(opts.value("--config").map(PathBuf::from)))
+            Ok(crate::daemon::doctor(
+                opts.value("--config").map(PathBuf::from),
+            ))
         }
         "devices" => {
             Opts::parse(rest, &[], &[])?.no_positionals()?;
@@ -106,13 +108,19 @@ fn config_cmd(rest: &[String]) -> Result<i32, Usage> {
                 return Err(usage("config check takes at most one FILE"));
             }
             let paths = Paths::from_env();
-            let source = Config::locate(opts.positionals.first().map(PathBuf::from).as_deref(), &paths);
+            let source = Config::locate(
+                opts.positionals.first().map(PathBuf::from).as_deref(),
+                &paths,
+            );
             match Config::load_source(&source) {
                 Ok(_) => {
                     match source {
                         crate::config::ConfigSource::File(p) => println!("{}: ok", p.display()),
                         crate::config::ConfigSource::Defaults => {
-                            println!("no configuration file ({}): the defaults are used", paths.config_file.display())
+                            println!(
+                                "no configuration file ({}): the defaults are used",
+                                paths.config_file.display()
+                            )
                         }
                     }
                     Ok(EXIT_OK)
@@ -128,7 +136,9 @@ fn config_cmd(rest: &[String]) -> Result<i32, Usage> {
             print!("{}", crate::config::EXAMPLE);
             Ok(EXIT_OK)
         }
-        Some((sub, _)) => Err(usage(format!("unknown config command \"{sub}\" (check, example)"))),
+        Some((sub, _)) => Err(usage(format!(
+            "unknown config command \"{sub}\" (check, example)"
+        ))),
         None => Err(usage("config needs a command: check or example")),
     }
 }
@@ -139,13 +149,19 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
     };
     let words = |opts: &Opts, what: &str| -> Result<String, Usage> {
         let text = opts.positionals.join(" ");
-        if text.trim().is_empty() { Err(usage(format!("ctl {sub} needs {what}"))) } else { Ok(text) }
+        if text.trim().is_empty() {
+            Err(usage(format!("ctl {sub} needs {what}")))
+        } else {
+            Ok(text)
+        }
     };
     let one_name = |opts: &Opts| -> Result<String, Usage> {
         match opts.positionals.as_slice() {
             [name] => Ok(name.clone()),
             [] => Err(usage(format!("ctl {sub} needs a task NAME"))),
-            _ => Err(usage(format!("ctl {sub} takes one task NAME (quote a name with spaces)"))),
+            _ => Err(usage(format!(
+                "ctl {sub} takes one task NAME (quote a name with spaces)"
+            ))),
         }
     };
     let (request, json) = match sub.as_str() {
@@ -178,22 +194,56 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
             if prompt.trim().is_empty() {
                 return Err(usage("ctl continue needs a PROMPT after the NAME"));
             }
-            (Request::Continue { name: name.clone(), prompt }, false)
+            (
+                Request::Continue {
+                    name: name.clone(),
+                    prompt,
+                },
+                false,
+            )
         }
-        "cancel" => (Request::Cancel { name: one_name(&Opts::parse(more, &[], &[])?)? }, false),
+        "cancel" => (
+            Request::Cancel {
+                name: one_name(&Opts::parse(more, &[], &[])?)?,
+            },
+            false,
+        ),
         "result" => {
             let opts = Opts::parse(more, &[], &["--json"])?;
-            (Request::Result { name: one_name(&opts)? }, opts.flag("--json"))
+            (
+                Request::Result {
+                    name: one_name(&opts)?,
+                },
+                opts.flag("--json"),
+            )
         }
         "logs" => {
             let opts = Opts::parse(more, &[], &["--follow", "-f"])?;
             let follow = opts.flag("--follow") || opts.flag("-f");
-            (Request::Logs { name: one_name(&opts)?, follow }, false)
+            (
+                Request::Logs {
+                    name: one_name(&opts)?,
+                    follow,
+                },
+                false,
+            )
         }
-        "say" => (Request::Say { text: words(&Opts::parse(more, &[], &[])?, "TEXT")? }, false),
+        "say" => (
+            Request::Say {
+                text: words(&Opts::parse(more, &[], &[])?, "TEXT")?,
+            },
+            false,
+        ),
         "press" | "release" => {
             Opts::parse(more, &[], &[])?.no_positionals()?;
-            (if sub == "press" { Request::Press } else { Request::Release }, false)
+            (
+                if sub == "press" {
+                    Request::Press
+                } else {
+                    Request::Release
+                },
+                false,
+            )
         }
         other => return Err(usage(format!("unknown ctl command \"{other}\""))),
     };
@@ -230,7 +280,10 @@ impl Opts {
             if with_value.contains(&key) {
                 let value = match inline {
                     Some(v) => v,
-                    None => it.next().cloned().ok_or_else(|| usage(format!("{key} needs a value")))?,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| usage(format!("{key} needs a value")))?,
                 };
                 opts.values.push((key.to_string(), value));
             } else if flags.contains(&key) && inline.is_none() {
@@ -243,7 +296,11 @@ impl Opts {
     }
 
     fn value(&self, key: &str) -> Option<&str> {
-        self.values.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.values
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn flag(&self, key: &str) -> bool {
@@ -268,13 +325,28 @@ mod tests {
 
     #[test]
     fn options_values_flags_and_positionals() {
-        let o = Opts::parse(&v(&["--name", "x", "fix", "--", "--not-an-option"]), &["--name"], &[]).unwrap();
+        let o = Opts::parse(
+            &v(&["--name", "x", "fix", "--", "--not-an-option"]),
+            &["--name"],
+            &[],
+        )
+        .unwrap();
         assert_eq!(o.value("--name"), Some("x"));
         assert_eq!(o.positionals, v(&["fix", "--not-an-option"]));
         let o = Opts::parse(&v(&["--project=web", "a"]), &["--project"], &[]).unwrap();
         assert_eq!(o.value("--project"), Some("web"));
-        assert!(Opts::parse(&v(&["--bogus"]), &[], &[]).unwrap_err().0.contains("--bogus"));
-        assert!(Opts::parse(&v(&["--name"]), &["--name"], &[]).unwrap_err().0.contains("needs a value"));
+        assert!(
+            Opts::parse(&v(&["--bogus"]), &[], &[])
+                .unwrap_err()
+                .0
+                .contains("--bogus")
+        );
+        assert!(
+            Opts::parse(&v(&["--name"]), &["--name"], &[])
+                .unwrap_err()
+                .0
+                .contains("needs a value")
+        );
         assert!(Opts::parse(&v(&["--json=1"]), &[], &["--json"]).is_err());
     }
 
@@ -282,7 +354,10 @@ mod tests {
     fn usage_errors_exit_2() {
         assert_eq!(main(vec!["frobnicate".into()]), EXIT_USAGE);
         assert_eq!(main(vec!["ctl".into(), "start".into()]), EXIT_USAGE);
-        assert_eq!(main(vec!["ctl".into(), "cancel".into(), "a".into(), "b".into()]), EXIT_USAGE);
+        assert_eq!(
+            main(vec!["ctl".into(), "cancel".into(), "a".into(), "b".into()]),
+            EXIT_USAGE
+        );
         assert_eq!(main(vec!["run".into(), "extra".into()]), EXIT_USAGE);
         assert_eq!(main(vec!["--version".into()]), EXIT_OK);
     }

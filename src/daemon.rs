@@ -109,18 +109,23 @@ impl Daemon {
         trace_path: Option<PathBuf>,
         started: Instant,
     ) -> Result<Daemon, BuildError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| BuildError::Failure(format!("{what}: {e}"));
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| BuildError::Failure(format!("{what}: {e}"));
         let control = ControlServer::bind(&paths.runtime_dir).map_err(|e| match e {
             e @ StartupError::AlreadyRunning { .. } => BuildError::Failure(e.to_string()),
             e => fail("cannot create the control socket", &e),
         })?;
-        let button = Button::new(&config.button).map_err(|e| BuildError::Usage(format!("[button] {e}")))?;
+        let button =
+            Button::new(&config.button).map_err(|e| BuildError::Usage(format!("[button] {e}")))?;
         // Orphaned descendants of agents (Claude's Bash tool runs commands in their own
         // session) are re-parented to us, so they can be found, stopped and reaped.
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-            log::warn!("cannot become a child subreaper ({e}): escaped agent descendants may linger");
+            log::warn!(
+                "cannot become a child subreaper ({e}): escaped agent descendants may linger"
+            );
         }
-        let loaded = state::load(&paths.state_file()).map_err(|e| BuildError::Failure(e.to_string()))?;
+        let loaded =
+            state::load(&paths.state_file()).map_err(|e| BuildError::Failure(e.to_string()))?;
         let saved = match loaded {
             state::Loaded::Fresh => StateFile::default(),
             state::Loaded::Ok(s) => s,
@@ -138,14 +143,23 @@ impl Daemon {
         conv.restore_transcript(saved.transcript);
         let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
         let signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
-        signals.register(reactor.registry(), reactor::SIGNALS).map_err(|e| fail("signalfd", &e))?;
+        signals
+            .register(reactor.registry(), reactor::SIGNALS)
+            .map_err(|e| fail("signalfd", &e))?;
         let trace = match trace_path {
-            Some(p) => Some(Trace::create(&p, started).map_err(|e| fail(&format!("trace file {}", p.display()), &e))?),
+            Some(p) => Some(
+                Trace::create(&p, started)
+                    .map_err(|e| fail(&format!("trace file {}", p.display()), &e))?,
+            ),
             None => None,
         };
-        let state = StateWriter::start(paths.state_file()).map_err(|e| fail("cannot start the state writer", &e))?;
+        let state = StateWriter::start(paths.state_file())
+            .map_err(|e| fail("cannot start the state writer", &e))?;
         let (link, link_off) = build_link(&config, reactor.waker());
-        let audio = Some(Audio::start(AudioSettings::from_config(&config.audio), reactor.waker()));
+        let audio = Some(Audio::start(
+            AudioSettings::from_config(&config.audio),
+            reactor.waker(),
+        ));
         let mut daemon = Daemon {
             reactor,
             signals,
@@ -168,7 +182,10 @@ impl Daemon {
             samples: Vec::with_capacity(24_000),
             ready: Vec::with_capacity(256),
         };
-        daemon.control.register(daemon.reactor.registry()).map_err(|e| fail("control socket", &e))?;
+        daemon
+            .control
+            .register(daemon.reactor.registry())
+            .map_err(|e| fail("control socket", &e))?;
         daemon.button.start(daemon.reactor.registry(), now);
         if let Some(link) = daemon.link.as_mut() {
             link.start(daemon.reactor.registry(), now);
@@ -193,9 +210,14 @@ impl Daemon {
     fn run_loop(&mut self) -> std::io::Result<()> {
         loop {
             let now = Instant::now();
-            let deadline = if self.engine.has_backlog() { Some(now) } else { self.next_deadline(now) };
+            let deadline = if self.engine.has_backlog() {
+                Some(now)
+            } else {
+                self.next_deadline(now)
+            };
             self.ready.clear();
-            self.ready.extend(self.reactor.poll(deadline, now)?.iter().cloned());
+            self.ready
+                .extend(self.reactor.poll(deadline, now)?.iter().cloned());
             let now = Instant::now();
             let ready = std::mem::take(&mut self.ready);
             for event in &ready {
@@ -222,7 +244,11 @@ impl Daemon {
     }
 
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let playback = self.audio.as_ref().filter(|a| a.progress().is_playing()).map(|_| now + PLAYBACK_POLL);
+        let playback = self
+            .audio
+            .as_ref()
+            .filter(|a| a.progress().is_playing())
+            .map(|_| now + PLAYBACK_POLL);
         reactor::earliest([
             self.engine.next_deadline(),
             self.conv.poll_timeout(),
@@ -306,7 +332,10 @@ impl Daemon {
                 moved = true;
                 match req {
                     Ok(req) => self.on_request(now, token, req),
-                    Err(msg) => self.control.reply(self.reactor.registry(), token, &proto::error_reply(msg)),
+                    Err(msg) => {
+                        self.control
+                            .reply(self.reactor.registry(), token, &proto::error_reply(msg))
+                    }
                 }
             }
             moved |= self.run_actions(now);
@@ -327,11 +356,22 @@ impl Daemon {
                     trace.received(now, &text);
                 }
                 let unix_now = (crate::clock::unix_ms(SystemTime::now()) / 1000) as i64;
-                let mut tools = ToolContext { engine: &mut self.engine, registry: self.reactor.registry(), now };
-                self.conv.handle_server_text(now, unix_now, &text, &mut tools);
+                let mut tools = ToolContext {
+                    engine: &mut self.engine,
+                    registry: self.reactor.registry(),
+                    now,
+                };
+                self.conv
+                    .handle_server_text(now, unix_now, &text, &mut tools);
             }
-            LinkEvent::Closed { reason, reconnect_in } => {
-                log::warn!("Realtime link closed ({reason}); reconnecting in {} ms", reconnect_in.as_millis());
+            LinkEvent::Closed {
+                reason,
+                reconnect_in,
+            } => {
+                log::warn!(
+                    "Realtime link closed ({reason}); reconnecting in {} ms",
+                    reconnect_in.as_millis()
+                );
                 self.conv.handle_link_closed(now);
             }
             LinkEvent::Failed { reason } => {
@@ -361,7 +401,9 @@ impl Daemon {
         if !self.capturing {
             return;
         }
-        let Some(audio) = self.audio.as_mut() else { return };
+        let Some(audio) = self.audio.as_mut() else {
+            return;
+        };
         self.samples.clear();
         audio.read_capture(now, &mut self.samples);
         if !self.samples.is_empty() {
@@ -381,24 +423,38 @@ impl Daemon {
             }
             TaskEvent::Output { name, text } => {
                 let line = json!({"ok": true, "text": text});
-                for t in self.control.subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name)) {
+                for t in self
+                    .control
+                    .subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name))
+                {
                     self.control.stream(registry, t, &line);
                 }
             }
-            TaskEvent::Finished { name, state, summary } => {
+            TaskEvent::Finished {
+                name,
+                state,
+                summary,
+            } => {
                 let line = json!({"ok": true, "event": {"kind": "finished", "task": name, "state": state.as_str(), "summary": summary}});
                 for t in self.control.subscribers(|s| *s == Subscription::Events) {
                     self.control.stream(registry, t, &line);
                 }
                 let end = json!({"ok": true, "end": true, "task": name, "state": state.as_str()});
-                for t in self.control.subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name)) {
+                for t in self
+                    .control
+                    .subscribers(|s| matches!(s, Subscription::Logs { task } if *task == name))
+                {
                     self.control.end_stream(registry, t, &end);
                 }
                 // A shutdown interrupts tasks on purpose; there is no one left to tell.
                 if self.shutdown_deadline.is_none() || state != TaskState::Interrupted {
                     self.conv.handle_completion(
                         now,
-                        Completion { task: name, state: state.as_str().to_string(), summary },
+                        Completion {
+                            task: name,
+                            state: state.as_str().to_string(),
+                            summary,
+                        },
                     );
                 }
             }
@@ -481,16 +537,25 @@ impl Daemon {
         let reply = match req {
             Request::Status => json!({"ok": true, "status": self.status(now)}),
             Request::Tasks => json!({"ok": true, "tasks": self.engine.records()}),
-            Request::Start { prompt, name, project } => {
-                match self.engine.start(registry, &prompt, name.as_deref(), project.as_deref()) {
+            Request::Start {
+                prompt,
+                name,
+                project,
+            } => {
+                match self
+                    .engine
+                    .start(registry, &prompt, name.as_deref(), project.as_deref())
+                {
                     Ok(task) => json!({"ok": true, "task": task}),
                     Err(e) => error_from(&e),
                 }
             }
-            Request::Continue { name, prompt } => match self.engine.continue_task(registry, &name, &prompt) {
-                Ok(task) => json!({"ok": true, "task": task}),
-                Err(e) => error_from(&e),
-            },
+            Request::Continue { name, prompt } => {
+                match self.engine.continue_task(registry, &name, &prompt) {
+                    Ok(task) => json!({"ok": true, "task": task}),
+                    Err(e) => error_from(&e),
+                }
+            }
             Request::Cancel { name } => match self.engine.cancel(&name, now) {
                 Ok(task) => json!({"ok": true, "task": task}),
                 Err(e) => error_from(&e),
@@ -505,12 +570,20 @@ impl Daemon {
             },
             Request::Logs { name, follow } => match self.engine.logs(&name) {
                 Ok((task, text)) => {
-                    let running = self.engine.resolve(&task).is_ok_and(|r| r.state.is_running());
+                    let running = self
+                        .engine
+                        .resolve(&task)
+                        .is_ok_and(|r| r.state.is_running());
                     if follow && running && self.engine.set_followed(&task, true) {
-                        self.control.subscribe(token, Subscription::Logs { task: task.clone() });
+                        self.control
+                            .subscribe(token, Subscription::Logs { task: task.clone() });
                         json!({"ok": true, "task": task, "text": text})
                     } else {
-                        let state = self.engine.resolve(&task).map(|r| r.state.as_str()).unwrap_or("unknown");
+                        let state = self
+                            .engine
+                            .resolve(&task)
+                            .map(|r| r.state.as_str())
+                            .unwrap_or("unknown");
                         json!({"ok": true, "task": task, "text": text, "end": true, "state": state})
                     }
                 }
@@ -588,7 +661,9 @@ impl Daemon {
     fn reload(&mut self) {
         let source = Config::locate(self.config_path.as_deref(), &self.paths);
         match Config::load_source(&source) {
-            Err(e) => log::error!("SIGHUP: the configuration has an error, the old one stays in force: {e}"),
+            Err(e) => log::error!(
+                "SIGHUP: the configuration has an error, the old one stays in force: {e}"
+            ),
             Ok(new) => {
                 for (section, changed) in [
                     ("[realtime]", new.realtime != self.config.realtime),
@@ -599,7 +674,8 @@ impl Daemon {
                         log::warn!("SIGHUP: changes to {section} take effect when walkie restarts");
                     }
                 }
-                self.engine.update_settings(engine_settings(&new, &self.paths));
+                self.engine
+                    .update_settings(engine_settings(&new, &self.paths));
                 self.config.agent = new.agent;
                 self.config.projects = new.projects;
                 log::info!("SIGHUP: configuration reloaded ([agent] and [projects] applied)");
@@ -611,7 +687,10 @@ impl Daemon {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        log::info!("{why}: shutting down ({} task(s) running)", self.engine.running_count());
+        log::info!(
+            "{why}: shutting down ({} task(s) running)",
+            self.engine.running_count()
+        );
         let grace = Duration::from_millis(self.config.agent.cancel_grace_ms);
         self.shutdown_deadline = Some(now + grace + SHUTDOWN_MARGIN);
         if let Some(audio) = self.audio.take() {
@@ -625,7 +704,9 @@ impl Daemon {
     }
 
     fn shutdown_complete(&mut self, now: Instant) -> bool {
-        let Some(deadline) = self.shutdown_deadline else { return false };
+        let Some(deadline) = self.shutdown_deadline else {
+            return false;
+        };
         if self.engine.is_idle() {
             return true;
         }
@@ -672,7 +753,11 @@ fn error_from(e: &crate::tasks::TaskError) -> Value {
 fn engine_settings(config: &Config, paths: &Paths) -> EngineSettings {
     EngineSettings {
         agent: config.agent.clone(),
-        projects: config.projects.keys().filter_map(|k| Some((k.clone(), config.project_dir(k)?))).collect(),
+        projects: config
+            .projects
+            .keys()
+            .filter_map(|k| Some((k.clone(), config.project_dir(k)?)))
+            .collect(),
         paths: paths.clone(),
         openai_key_var: config.realtime.api_key_env.clone(),
     }
@@ -690,19 +775,25 @@ fn conversation_settings(config: &Config) -> ConversationSettings {
 }
 
 /// The link, or why there is none.
-fn build_link(config: &Config, waker: std::sync::Arc<mio::Waker>) -> (Option<Link>, Option<(&'static str, String)>) {
+fn build_link(
+    config: &Config,
+    waker: std::sync::Arc<mio::Waker>,
+) -> (Option<Link>, Option<(&'static str, String)>) {
     let Some(url) = config.realtime_url() else {
         return (None, Some(("disabled", "realtime.url is \"none\"".into())));
     };
-    let loopback =
-        crate::config::Endpoint::parse(&config.realtime.url).map(|e| e.is_loopback()).unwrap_or(false);
+    let loopback = crate::config::Endpoint::parse(&config.realtime.url)
+        .map(|e| e.is_loopback())
+        .unwrap_or(false);
     let api_key = match config.api_key() {
         Ok(k) => Some(k),
         // Local stand-ins (the demo, tests) need no key.
         Err(_) if loopback => None,
         Err(e) => return (None, Some(("failed", format!("no API key: {e}")))),
     };
-    let ca_file = Some(config.realtime.ca_file.trim()).filter(|s| !s.is_empty()).map(crate::paths::expand_home);
+    let ca_file = Some(config.realtime.ca_file.trim())
+        .filter(|s| !s.is_empty())
+        .map(crate::paths::expand_home);
     let settings = LinkSettings {
         url,
         api_key,
@@ -732,15 +823,24 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
             c
         }
         Err(e) => {
-            line(false, "configuration", format!("{e} (fix the file; `walkie config example` shows every key)"));
+            line(
+                false,
+                "configuration",
+                format!("{e} (fix the file; `walkie config example` shows every key)"),
+            );
             return crate::cli::EXIT_USAGE;
         }
     };
     match (config.realtime_url(), config.api_key()) {
-        (None, _) => line(true, "realtime link", "disabled (realtime.url = \"none\")".into()),
+        (None, _) => line(
+            true,
+            "realtime link",
+            "disabled (realtime.url = \"none\")".into(),
+        ),
         (Some(url), Ok(_)) => line(true, "realtime link", format!("{url}, API key found")),
         (Some(url), Err(e)) => {
-            let loopback = crate::config::Endpoint::parse(&config.realtime.url).is_ok_and(|e| e.is_loopback());
+            let loopback =
+                crate::config::Endpoint::parse(&config.realtime.url).is_ok_and(|e| e.is_loopback());
             line(loopback, "realtime link", format!("{url}: {e}"))
         }
     }
@@ -754,17 +854,33 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
             None => format!("{program} is not on PATH (install it or set agent.command)"),
         },
     );
-    for (name, _) in &config.projects {
+    for name in config.projects.keys() {
         let dir = config.project_dir(name).unwrap_or_default();
-        line(dir.is_dir(), &format!("project {name}"), dir.display().to_string());
+        line(
+            dir.is_dir(),
+            &format!("project {name}"),
+            dir.display().to_string(),
+        );
     }
     match std::os::unix::net::UnixStream::connect(paths.control_socket()) {
-        Ok(_) => line(true, "daemon", format!("running ({})", paths.control_socket().display())),
-        Err(_) => line(true, "daemon", "not running (start it with `walkie run` or systemctl --user start walkie)".into()),
+        Ok(_) => line(
+            true,
+            "daemon",
+            format!("running ({})", paths.control_socket().display()),
+        ),
+        Err(_) => line(
+            true,
+            "daemon",
+            "not running (start it with `walkie run` or systemctl --user start walkie)".into(),
+        ),
     }
     let pcms = crate::audio::list_pcms();
     if config.audio.backend == crate::config::AudioBackend::Alsa {
-        line(!pcms.is_empty(), "ALSA", format!("{} PCM(s) listed; `walkie devices` shows them", pcms.len()));
+        line(
+            !pcms.is_empty(),
+            "ALSA",
+            format!("{} PCM(s) listed; `walkie devices` shows them", pcms.len()),
+        );
     }
     match config.button.device.as_str() {
         "none" => line(true, "button", "disabled (ctl press/release only)".into()),
@@ -775,12 +891,23 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
             line(
                 with_key > 0,
                 "button",
-                format!("{with_key} input device(s) with {} (add your user to the `input` group if none is readable)", config.button.key),
+                format!(
+                    "{with_key} input device(s) with {} (add your user to the `input` group if none is readable)",
+                    config.button.key
+                ),
             );
         }
-        path => line(std::path::Path::new(path).exists(), "button", path.to_string()),
+        path => line(
+            std::path::Path::new(path).exists(),
+            "button",
+            path.to_string(),
+        ),
     }
-    if problems == 0 { crate::cli::EXIT_OK } else { crate::cli::EXIT_FAILURE }
+    if problems == 0 {
+        crate::cli::EXIT_OK
+    } else {
+        crate::cli::EXIT_FAILURE
+    }
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -788,7 +915,9 @@ fn which(program: &str) -> Option<PathBuf> {
         return Some(PathBuf::from(program)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// `walkie devices`: ALSA PCMs and input devices (with whether they have the key).
@@ -805,7 +934,12 @@ pub fn devices() -> i32 {
             (false, true) => "out",
             _ => "",
         };
-        println!("  {:<32} {:<7} {}", pcm.name, dir, pcm.description.replace('\n', " "));
+        println!(
+            "  {:<32} {:<7} {}",
+            pcm.name,
+            dir,
+            pcm.description.replace('\n', " ")
+        );
     }
     println!("input devices:");
     let devices = crate::button::list_input_devices(key.as_ref().map(|(k, _)| *k));
@@ -823,4 +957,3 @@ pub fn devices() -> i32 {
     }
     crate::cli::EXIT_OK
 }
-

@@ -40,7 +40,11 @@ pub struct TokenPool {
 
 impl TokenPool {
     pub fn new(start: usize, end: usize) -> TokenPool {
-        TokenPool { next: start, end, free: Vec::new() }
+        TokenPool {
+            next: start,
+            end,
+            free: Vec::new(),
+        }
     }
 
     /// A token not in use; give it back with [`TokenPool::release`] after deregistering.

@@ -32,7 +32,11 @@ pub struct StateFile {
 
 impl Default for StateFile {
     fn default() -> Self {
-        StateFile { version: VERSION, tasks: Vec::new(), transcript: Vec::new() }
+        StateFile {
+            version: VERSION,
+            tasks: Vec::new(),
+            transcript: Vec::new(),
+        }
     }
 }
 
@@ -43,7 +47,10 @@ pub enum Loaded {
     Fresh,
     Ok(StateFile),
     /// The file was unreadable as state; it now lives at `moved_to`.
-    MovedAside { error: String, moved_to: PathBuf },
+    MovedAside {
+        error: String,
+        moved_to: PathBuf,
+    },
 }
 
 /// Why the state file could not be dealt with at all: walkie refuses to start rather than
@@ -57,20 +64,34 @@ pub struct StateError {
 
 /// Reads the state file; a corrupt one is moved to `state.json.corrupt-<unix time>`.
 pub fn load(path: &Path) -> Result<Loaded, StateError> {
-    let err = |message: String| StateError { path: path.to_path_buf(), message };
+    let err = |message: String| StateError {
+        path: path.to_path_buf(),
+        message,
+    };
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Fresh),
-        Err(e) => return Err(err(format!("cannot read it: {e}; fix its permissions or move it away"))),
+        Err(e) => {
+            return Err(err(format!(
+                "cannot read it: {e}; fix its permissions or move it away"
+            )));
+        }
     };
     let problem = match serde_json::from_slice::<StateFile>(&bytes) {
         Ok(state) if state.version == VERSION => return Ok(Loaded::Ok(state)),
-        Ok(state) => format!("unsupported version {} (this walkie reads {VERSION})", state.version),
+        Ok(state) => format!(
+            "unsupported version {} (this walkie reads {VERSION})",
+            state.version
+        ),
         Err(e) => format!("not valid state: {e}"),
     };
     let moved_to = aside_path(path);
-    fs::rename(path, &moved_to).map_err(|e| err(format!("{problem}, and it cannot be moved aside: {e}")))?;
-    Ok(Loaded::MovedAside { error: problem, moved_to })
+    fs::rename(path, &moved_to)
+        .map_err(|e| err(format!("{problem}, and it cannot be moved aside: {e}")))?;
+    Ok(Loaded::MovedAside {
+        error: problem,
+        moved_to,
+    })
 }
 
 fn aside_path(path: &Path) -> PathBuf {
@@ -87,7 +108,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
@@ -112,27 +138,32 @@ impl StateWriter {
     pub fn start(path: PathBuf) -> io::Result<StateWriter> {
         let shared = Arc::new((Mutex::new(Slot::default()), Condvar::new()));
         let theirs = Arc::clone(&shared);
-        let thread = std::thread::Builder::new().name("walkie-state".into()).spawn(move || {
-            let (lock, cond) = &*theirs;
-            loop {
-                let (bytes, stop) = {
-                    let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    while slot.pending.is_none() && !slot.stop {
-                        slot = cond.wait(slot).unwrap_or_else(|p| p.into_inner());
+        let thread = std::thread::Builder::new()
+            .name("walkie-state".into())
+            .spawn(move || {
+                let (lock, cond) = &*theirs;
+                loop {
+                    let (bytes, stop) = {
+                        let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        while slot.pending.is_none() && !slot.stop {
+                            slot = cond.wait(slot).unwrap_or_else(|p| p.into_inner());
+                        }
+                        (slot.pending.take(), slot.stop)
+                    };
+                    if let Some(bytes) = bytes {
+                        if let Err(e) = write_atomic(&path, &bytes) {
+                            log::error!("cannot write the state file {}: {e}", path.display());
+                        }
                     }
-                    (slot.pending.take(), slot.stop)
-                };
-                if let Some(bytes) = bytes {
-                    if let Err(e) = write_atomic(&path, &bytes) {
-                        log::error!("cannot write the state file {}: {e}", path.display());
+                    if stop && lock.lock().map(|s| s.pending.is_none()).unwrap_or(true) {
+                        break;
                     }
                 }
-                if stop && lock.lock().map(|s| s.pending.is_none()).unwrap_or(true) {
-                    break;
-                }
-            }
-        })?;
-        Ok(StateWriter { shared, thread: Some(thread) })
+            })?;
+        Ok(StateWriter {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Queues `state` for writing (serialised here, written on the thread).
@@ -179,14 +210,18 @@ mod tests {
         let writer = StateWriter::start(path.clone()).unwrap();
         let mut state = StateFile::default();
         for i in 0..50 {
-            state.transcript = vec![serde_json::from_value(serde_json::json!({
-                "role": "user", "text": format!("turn {i}"), "at": "2026-01-01T00:00:00Z"
-            }))
-            .unwrap()];
+            state.transcript = vec![
+                serde_json::from_value(serde_json::json!({
+                    "role": "user", "text": format!("turn {i}"), "at": "2026-01-01T00:00:00Z"
+                }))
+                .unwrap(),
+            ];
             writer.submit(&state);
         }
         writer.finish();
-        let Loaded::Ok(back) = load(&path).unwrap() else { panic!("not loaded") };
+        let Loaded::Ok(back) = load(&path).unwrap() else {
+            panic!("not loaded")
+        };
         assert_eq!(back, state, "the last snapshot wins");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -196,14 +231,21 @@ mod tests {
     #[test]
     fn missing_file_is_a_fresh_start() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(load(&dir.path().join("state.json")).unwrap(), Loaded::Fresh));
+        assert!(matches!(
+            load(&dir.path().join("state.json")).unwrap(),
+            Loaded::Fresh
+        ));
     }
 
     #[test]
     fn corrupt_file_is_moved_aside_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
-        for content in ["{not json", r#"{"version": 99, "tasks": []}"#, r#"{"version":1,"tasks":[{"name":5}]}"#] {
+        for content in [
+            "{not json",
+            r#"{"version": 99, "tasks": []}"#,
+            r#"{"version":1,"tasks":[{"name":5}]}"#,
+        ] {
             fs::write(&path, content).unwrap();
             let Loaded::MovedAside { moved_to, error } = load(&path).unwrap() else {
                 panic!("{content} was accepted")

@@ -35,13 +35,28 @@ impl ToolHandler for ToolContext<'_> {
 }
 
 /// Runs tool `name` with its JSON `arguments`.
-pub fn call(engine: &mut TaskEngine, registry: &Registry, now: Instant, name: &str, arguments: &str) -> Value {
-    let args: Value = match serde_json::from_str(if arguments.trim().is_empty() { "{}" } else { arguments }) {
+pub fn call(
+    engine: &mut TaskEngine,
+    registry: &Registry,
+    now: Instant,
+    name: &str,
+    arguments: &str,
+) -> Value {
+    let args: Value = match serde_json::from_str(if arguments.trim().is_empty() {
+        "{}"
+    } else {
+        arguments
+    }) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return rejected("arguments must be a JSON object"),
         Err(e) => return rejected(&format!("arguments are not valid JSON: {e}")),
     };
-    let text = |key: &str| args.get(key).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+    let text = |key: &str| {
+        args.get(key)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    };
     let need = |key: &str| text(key).ok_or_else(|| rejected(&format!("missing \"{key}\"")));
     match name {
         "start_task" => {
@@ -55,7 +70,14 @@ pub fn call(engine: &mut TaskEngine, registry: &Registry, now: Instant, name: &s
             }
         }
         "list_tasks" => {
-            let tasks: Vec<Value> = engine.records().iter().rev().take(20).rev().map(brief).collect();
+            let tasks: Vec<Value> = engine
+                .records()
+                .iter()
+                .rev()
+                .take(20)
+                .rev()
+                .map(brief)
+                .collect();
             json!({ "tasks": tasks })
         }
         "task_status" => match need("name").map(|n| engine.resolve(n).cloned()) {

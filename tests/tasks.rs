@@ -13,15 +13,27 @@ const T: Duration = Duration::from_secs(30);
 fn start_finish_result() {
     let mut w = Walkie::new();
     w.start();
-    let name = w.start_task(&["--name", "Flaky Test", "fix the flaky test @write=src/fix.rs @edit=README.md @sleep=0.3"]);
+    let name = w.start_task(&[
+        "--name",
+        "Flaky Test",
+        "fix the flaky test @write=src/fix.rs @edit=README.md @sleep=0.3",
+    ]);
     assert_eq!(name, "flaky-test");
     let t = w.wait_finished(&name, T);
     assert_eq!(t["state"], "succeeded", "{t}");
     assert_eq!(t["exit_code"], 0);
     assert!(t["pid"].is_null());
     assert!(t["ended_at"].as_str().unwrap().ends_with('Z'));
-    assert!(t["session_id"].as_str().is_some_and(|s| s.len() >= 32), "{t}");
-    let files: Vec<&str> = t["files_changed"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+    assert!(
+        t["session_id"].as_str().is_some_and(|s| s.len() >= 32),
+        "{t}"
+    );
+    let files: Vec<&str> = t["files_changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
     assert!(files.iter().any(|f| f.ends_with("src/fix.rs")), "{files:?}");
     assert!(files.iter().any(|f| f.ends_with("README.md")), "{files:?}");
     // The agent really ran in the task's scratch directory.
@@ -30,15 +42,27 @@ fn start_finish_result() {
     assert!(cwd.join("src/fix.rs").exists());
     let result = w.ctl_json(&["result", "flaky"]);
     assert_eq!(result["name"], "flaky-test");
-    assert!(result["summary"].as_str().unwrap().contains("fix the flaky test"), "{result}");
+    assert!(
+        result["summary"]
+            .as_str()
+            .unwrap()
+            .contains("fix the flaky test"),
+        "{result}"
+    );
     let (code, out, _) = w.ctl(&["result", "flaky-test"]);
     assert_eq!(code, 0);
-    assert!(out.contains("succeeded") && out.contains("src/fix.rs"), "{out}");
+    assert!(
+        out.contains("succeeded") && out.contains("src/fix.rs"),
+        "{out}"
+    );
     let (code, logs, _) = w.ctl(&["logs", "flaky-test"]);
     assert_eq!(code, 0);
     assert!(logs.contains("[tool] Write"), "{logs}");
     // The on-disk output exists and the state file records the task.
-    assert!(w.path("state/walkie/tasks/flaky-test/stdout.jsonl").exists());
+    assert!(
+        w.path("state/walkie/tasks/flaky-test/stdout.jsonl")
+            .exists()
+    );
     let state = w.state_json();
     assert_eq!(state["tasks"][0]["name"], "flaky-test");
     assert_eq!(state["tasks"][0]["state"], "succeeded");
@@ -57,12 +81,18 @@ fn failures_and_plain_output_are_reported() {
     let t = w.wait_finished(&plain, T);
     assert_eq!(t["state"], "succeeded", "{t}");
     // An agent that is not there is a clear error, not a crash.
-    w.write_config(&w.default_config("").replace(FAKE_AGENT, "/nonexistent/agent"));
+    w.write_config(
+        &w.default_config("")
+            .replace(FAKE_AGENT, "/nonexistent/agent"),
+    );
     w.signal(Signal::SIGHUP);
     assert!(wait_until(T, || w.log().contains("configuration reloaded")));
     let (code, _, err) = w.ctl(&["start", "anything"]);
     assert_eq!(code, 1);
-    assert!(err.contains("could not start the agent") && err.contains("/nonexistent/agent"), "{err}");
+    assert!(
+        err.contains("could not start the agent") && err.contains("/nonexistent/agent"),
+        "{err}"
+    );
     assert_eq!(w.ctl_json(&["status"])["tasks"]["running"], 0);
 }
 
@@ -75,18 +105,36 @@ fn five_concurrent_tasks_keep_their_own_results() {
     let names: Vec<String> = sleeps
         .iter()
         .enumerate()
-        .map(|(i, s)| w.start_task(&["--name", &format!("job {i}"), &format!("@sleep={s} @text=answer_number_{i} @write=f{i}.txt")]))
+        .map(|(i, s)| {
+            w.start_task(&[
+                "--name",
+                &format!("job {i}"),
+                &format!("@sleep={s} @text=answer_number_{i} @write=f{i}.txt"),
+            ])
+        })
         .collect();
     for (i, name) in names.iter().enumerate() {
         let t = w.wait_finished(name, T);
         assert_eq!(t["state"], "succeeded");
-        assert_eq!(t["summary"], format!("answer number {i}"), "{t}");
+        assert_eq!(
+            t["summary"].as_str().unwrap().trim_end_matches('.'),
+            format!("answer number {i}"),
+            "{t}"
+        );
         let files = t["files_changed"].to_string();
-        assert!(files.contains(&format!("f{i}.txt")) && !files.contains(&format!("f{}.txt", (i + 1) % 5)), "{files}");
+        assert!(
+            files.contains(&format!("f{i}.txt"))
+                && !files.contains(&format!("f{}.txt", (i + 1) % 5)),
+            "{files}"
+        );
     }
     // Every completion was announced as an event and in the log, once each.
     for name in &names {
-        assert_eq!(w.log().matches(&format!("task {name} succeeded")).count(), 1, "{name}");
+        assert_eq!(
+            w.log().matches(&format!("task {name} succeeded")).count(),
+            1,
+            "{name}"
+        );
     }
 }
 
@@ -99,8 +147,14 @@ fn the_running_limit_rejects_and_names_the_running_tasks() {
     w.start_task(&["--name", "two", "@stall"]);
     let (code, _, err) = w.ctl(&["start", "--name", "three", "@stall"]);
     assert_eq!(code, 1);
-    assert!(err.contains("one") && err.contains("two") && err.contains("already running"), "{err}");
-    assert!(w.tasks().iter().all(|t| t["name"] != "three"), "no hidden queue");
+    assert!(
+        err.contains("one") && err.contains("two") && err.contains("already running"),
+        "{err}"
+    );
+    assert!(
+        w.tasks().iter().all(|t| t["name"] != "three"),
+        "no hidden queue"
+    );
     w.ctl(&["cancel", "one"]);
     w.wait_finished("one", T);
     w.start_task(&["--name", "three", "@sleep=0"]);
@@ -110,7 +164,11 @@ fn the_running_limit_rejects_and_names_the_running_tasks() {
 fn cancel_reaches_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
     let mut w = Walkie::new();
     w.start();
-    let name = w.start_task(&["--name", "stubborn", "@grandchild @ignore-term @ignore-int @stall"]);
+    let name = w.start_task(&[
+        "--name",
+        "stubborn",
+        "@grandchild @ignore-term @ignore-int @stall",
+    ]);
     let cwd = w.task_cwd(&name);
     assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
@@ -124,7 +182,10 @@ fn cancel_reaches_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
     assert_eq!(t["state"], "cancelled", "{t}");
     assert!(!alive(agent), "agent {agent} survived");
     assert!(!alive(grandchild), "grandchild {grandchild} survived");
-    let id = w.state_json()["tasks"][0]["id"].as_str().unwrap().to_string();
+    let id = w.state_json()["tasks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(processes_with_env(&format!("WALKIE_TASK={id}")).is_empty());
     assert!(zombies_of(w.pid()).is_empty());
     // A cancel of a finished task is refused clearly.
@@ -156,12 +217,20 @@ fn sigterm_of_the_daemon_stops_every_task_and_leaves_a_valid_state_file() {
     let cwd = w.task_cwd(&a);
     assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
-    let ids: Vec<String> = w.state_json()["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = w.state_json()["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
     w.signal(Signal::SIGTERM);
     assert_eq!(w.wait_exit(T), Some(0), "{}", w.log());
     assert!(!alive(grandchild));
     for id in &ids {
-        assert!(processes_with_env(&format!("WALKIE_TASK={id}")).is_empty(), "task {id} left processes");
+        assert!(
+            processes_with_env(&format!("WALKIE_TASK={id}")).is_empty(),
+            "task {id} left processes"
+        );
     }
     let state = w.state_json();
     for t in state["tasks"].as_array().unwrap() {
@@ -175,7 +244,11 @@ fn sigterm_of_the_daemon_stops_every_task_and_leaves_a_valid_state_file() {
 fn after_sigkill_a_restart_marks_tasks_interrupted_and_stops_the_orphans() {
     let mut w = Walkie::new();
     w.start();
-    let name = w.start_task(&["--name", "orphan maker", "@stall @grandchild @ignore-term @ignore-int"]);
+    let name = w.start_task(&[
+        "--name",
+        "orphan maker",
+        "@stall @grandchild @ignore-term @ignore-int",
+    ]);
     let cwd = w.task_cwd(&name);
     assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
@@ -188,7 +261,12 @@ fn after_sigkill_a_restart_marks_tasks_interrupted_and_stops_the_orphans() {
     w.start();
     let t = w.task(&name);
     assert_eq!(t["state"], "interrupted", "{t}");
-    assert!(wait_until(T, || !alive(grandchild) && !alive(agent)), "orphans left: agent {} grandchild {}", alive(agent), alive(grandchild));
+    assert!(
+        wait_until(T, || !alive(grandchild) && !alive(agent)),
+        "orphans left: agent {} grandchild {}",
+        alive(agent),
+        alive(grandchild)
+    );
     assert!(w.log().contains("marked interrupted"));
     // The restarted daemon works normally.
     let n = w.start_task(&["after restart @sleep=0"]);
@@ -202,7 +280,9 @@ fn no_zombie_after_200_short_tasks() {
     w.start();
     let mut started = 0;
     while started < 200 {
-        let running = w.ctl_json(&["status"])["tasks"]["running"].as_u64().unwrap();
+        let running = w.ctl_json(&["status"])["tasks"]["running"]
+            .as_u64()
+            .unwrap();
         if running >= 24 {
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -210,11 +290,21 @@ fn no_zombie_after_200_short_tasks() {
         w.start_task(&["--name", "quick", "@sleep=0 @grandchild"]);
         started += 1;
     }
-    assert!(wait_until(Duration::from_secs(120), || w.ctl_json(&["status"])["tasks"]["running"] == 0));
+    assert!(wait_until(Duration::from_secs(120), || w
+        .ctl_json(&["status"])["tasks"]["running"]
+        == 0));
     let st = w.ctl_json(&["status"]);
     assert!(st["tasks"]["finished"].as_u64().unwrap() >= 100, "{st}");
-    assert!(wait_until(Duration::from_secs(5), || zombies_of(w.pid()).is_empty()), "zombies: {:?}", zombies_of(w.pid()));
-    let names: std::collections::HashSet<String> = w.tasks().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || zombies_of(w.pid()).is_empty()),
+        "zombies: {:?}",
+        zombies_of(w.pid())
+    );
+    let names: std::collections::HashSet<String> = w
+        .tasks()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(names.len(), w.tasks().len(), "names are unique");
     assert!(names.contains("quick-2"));
 }
@@ -232,26 +322,47 @@ fn a_flooding_agent_does_not_starve_the_control_socket_or_grow_memory() {
         let st = w.ctl_json(&["status"]);
         assert_eq!(st["tasks"]["running"], 1);
         // Generous: this is about starvation (seconds), not speed (rt-bench measures that).
-        assert!(t0.elapsed() < Duration::from_secs(5), "status took {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "status took {:?}",
+            t0.elapsed()
+        );
         answered += 1;
         peak = peak.max(rss_kib(w.pid()));
     }
     let t = w.task(&name);
     assert_eq!(t["state"], "succeeded", "{t}");
-    assert!(answered >= 2, "the flood finished before status could be asked twice");
-    assert!(peak < before + 32 * 1024, "RSS grew from {before} KiB to {peak} KiB");
+    assert!(
+        answered >= 2,
+        "the flood finished before status could be asked twice"
+    );
+    assert!(
+        peak < before + 32 * 1024,
+        "RSS grew from {before} KiB to {peak} KiB"
+    );
     // Output on disk is capped (4 MiB per file, rotated once).
     let dir = w.path("state/walkie/tasks/flood");
-    let total: u64 = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+    let total: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
     assert!(total <= 6 * 4 * 1024 * 1024, "{total} bytes on disk");
     let (_, logs, _) = w.ctl(&["logs", "flood"]);
-    assert!(logs.len() <= 70 * 1024, "logs are a bounded tail: {}", logs.len());
+    assert!(
+        logs.len() <= 70 * 1024,
+        "logs are a bounded tail: {}",
+        logs.len()
+    );
 }
 
 #[test]
 fn agents_get_only_the_allowed_environment() {
     let mut w = Walkie::new();
-    w.extra_env.insert("OPENAI_API_KEY".into(), "sk-proj-shouldneverleak0123456789".into());
+    w.extra_env.insert(
+        "OPENAI_API_KEY".into(),
+        "sk-proj-shouldneverleak0123456789".into(),
+    );
     w.extra_env.insert("PASSED_VAR".into(), "yes".into());
     w.extra_env.insert("SECRET_OTHER".into(), "no".into());
     let cfg = w.default_config(
@@ -269,12 +380,24 @@ env_set = { CLAUDE_CODE_MAX_RETRIES = "3", SET_VAR = "set" }"#,
     assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
     let (_, logs, _) = w.ctl(&["logs", "env"]);
     assert!(logs.contains("PASSED_VAR=yes"), "{logs}");
-    assert!(logs.contains("SET_VAR=set") && logs.contains("CLAUDE_CODE_MAX_RETRIES=3"), "{logs}");
+    assert!(
+        logs.contains("SET_VAR=set") && logs.contains("CLAUDE_CODE_MAX_RETRIES=3"),
+        "{logs}"
+    );
     assert!(!logs.contains("SECRET_OTHER"), "{logs}");
-    assert!(!logs.contains("OPENAI_API_KEY") && !logs.contains("shouldneverleak"), "{logs}");
+    assert!(
+        !logs.contains("OPENAI_API_KEY") && !logs.contains("shouldneverleak"),
+        "{logs}"
+    );
     assert!(!logs.contains("XDG_STATE_HOME"), "{logs}");
-    let tmpdir = logs.lines().find_map(|l| l.strip_prefix("TMPDIR=")).expect("TMPDIR set");
-    assert!(tmpdir.starts_with(w.path("runtime").to_str().unwrap()), "{tmpdir}");
+    let tmpdir = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("TMPDIR="))
+        .expect("TMPDIR set");
+    assert!(
+        tmpdir.starts_with(w.path("runtime").to_str().unwrap()),
+        "{tmpdir}"
+    );
     assert!(logs.contains("WALKIE_TASK="));
 }
 
@@ -284,7 +407,11 @@ fn secrets_never_reach_the_summary_or_the_result() {
     w.start();
     let name = w.start_task(&["--name", "leaky", "@secret"]);
     let t = w.wait_finished(&name, T);
-    let text = format!("{} {}", t["summary"], w.ctl_json(&["result", "leaky"])["result_text"]);
+    let text = format!(
+        "{} {}",
+        t["summary"],
+        w.ctl_json(&["result", "leaky"])["result_text"]
+    );
     for secret in ["sk-proj-", "ghp_", "hunter2", "DB_PASSWORD=s"] {
         assert!(!text.contains(secret), "{secret} leaked: {text}");
     }
@@ -306,7 +433,10 @@ fn continue_resumes_the_same_session_in_the_same_directory() {
     assert_eq!(second["cwd"], first["cwd"]);
     assert_eq!(second["prompt"], "now add @write=two.txt");
     let files = second["files_changed"].to_string();
-    assert!(files.contains("one.txt") && files.contains("two.txt"), "{files}");
+    assert!(
+        files.contains("one.txt") && files.contains("two.txt"),
+        "{files}"
+    );
     assert_eq!(w.tasks().len(), 1);
     // Refused while running, and for an unknown name.
     w.ctl(&["continue", "story", "@stall"]);
@@ -327,10 +457,16 @@ fn references_resolve_by_prefix_and_words_and_ambiguity_lists_candidates() {
     w.start_task(&["--name", "flaky build", "@stall"]);
     let (code, _, err) = w.ctl(&["cancel", "flaky"]);
     assert_eq!(code, 1);
-    assert!(err.contains("flaky-build") && err.contains("flaky-test"), "{err}");
+    assert!(
+        err.contains("flaky-build") && err.contains("flaky-test"),
+        "{err}"
+    );
     let reply = w.raw_request(b"{\"cmd\":\"cancel\",\"name\":\"flaky\"}\n");
     assert_eq!(reply["ok"], false);
-    assert_eq!(reply["candidates"], serde_json::json!(["flaky-build", "flaky-test"]));
+    assert_eq!(
+        reply["candidates"],
+        serde_json::json!(["flaky-build", "flaky-test"])
+    );
     let (code, out, _) = w.ctl(&["cancel", "build"]);
     assert_eq!(code, 0);
     assert!(out.contains("flaky-build"));
@@ -344,7 +480,10 @@ fn projects_set_the_working_directory() {
     let mut w = Walkie::new();
     let proj = w.path("home/code/webapp");
     std::fs::create_dir_all(&proj).unwrap();
-    w.write_config(&format!("{}\n[projects]\nwebapp = \"~/code/webapp\"\ngone = \"/nonexistent/dir\"\n", w.default_config("")));
+    w.write_config(&format!(
+        "{}\n[projects]\nwebapp = \"~/code/webapp\"\ngone = \"/nonexistent/dir\"\n",
+        w.default_config("")
+    ));
     w.start();
     let name = w.start_task(&["--project", "webapp", "--name", "p", "@write=hello.txt"]);
     assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
@@ -352,7 +491,10 @@ fn projects_set_the_working_directory() {
     assert_eq!(w.task(&name)["project"], "webapp");
     let (code, _, err) = w.ctl(&["start", "--project", "nope", "x"]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown project") && err.contains("webapp"), "{err}");
+    assert!(
+        err.contains("unknown project") && err.contains("webapp"),
+        "{err}"
+    );
     let (code, _, err) = w.ctl(&["start", "--project", "gone", "x"]);
     assert_eq!(code, 1);
     assert!(err.contains("does not exist"), "{err}");
@@ -362,13 +504,20 @@ fn projects_set_the_working_directory() {
 fn logs_follow_streams_until_the_task_ends() {
     let mut w = Walkie::new();
     w.start();
-    let name = w.start_task(&["--name", "talker", "@sleep=1.5 @bash=make_test @text=all_done"]);
+    let name = w.start_task(&[
+        "--name",
+        "talker",
+        "@sleep=1.5 @bash=make_test @text=all_done",
+    ]);
     let out = w.run_cmd(&["ctl", "logs", &name, "--follow"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
     assert!(text.contains("[tool] Bash"), "{text}");
     assert!(text.contains("all done"), "{text}");
-    assert!(text.trim_end().ends_with("[task talker: succeeded]"), "{text}");
+    assert!(
+        text.trim_end().ends_with("[task talker: succeeded]"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -23,11 +23,17 @@ pub fn run(socket: &Path, request: &Request, json: bool) -> i32 {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("walkie: the daemon is not reachable at {} ({e}); is `walkie run` running?", socket.display());
+            eprintln!(
+                "walkie: the daemon is not reachable at {} ({e}); is `walkie run` running?",
+                socket.display()
+            );
             return EXIT_UNREACHABLE;
         }
     };
-    let streaming = matches!(request, Request::Logs { follow: true, .. } | Request::Events);
+    let streaming = matches!(
+        request,
+        Request::Logs { follow: true, .. } | Request::Events
+    );
     if !streaming {
         let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
     }
@@ -88,7 +94,10 @@ pub fn run(socket: &Path, request: &Request, json: bool) -> i32 {
 }
 
 fn print_error(reply: &Value) {
-    let msg = reply.get("error").and_then(Value::as_str).unwrap_or("request failed");
+    let msg = reply
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("request failed");
     eprintln!("walkie: {msg}");
     if let Some(c) = reply.get("candidates").and_then(Value::as_array) {
         let names: Vec<&str> = c.iter().filter_map(Value::as_str).collect();
@@ -119,17 +128,32 @@ fn print_human(request: &Request, reply: &Value, first: bool) {
     match request {
         Request::Status => print_status(reply.get("status").unwrap_or(&Value::Null)),
         Request::Tasks => {
-            let tasks = reply.get("tasks").and_then(Value::as_array).cloned().unwrap_or_default();
+            let tasks = reply
+                .get("tasks")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if tasks.is_empty() {
                 println!("no tasks");
             }
             for t in tasks {
                 let summary = t.get("summary").and_then(Value::as_str).unwrap_or("");
-                let when = t.get("ended_at").and_then(Value::as_str).unwrap_or(s(&t, "started_at"));
-                println!("{:<24} {:<11} {:<20} {}", s(&t, "name"), s(&t, "state"), when, one_line(summary, 70));
+                let when = t
+                    .get("ended_at")
+                    .and_then(Value::as_str)
+                    .unwrap_or(s(&t, "started_at"));
+                println!(
+                    "{:<24} {:<11} {:<20} {}",
+                    s(&t, "name"),
+                    s(&t, "state"),
+                    when,
+                    one_line(summary, 70)
+                );
             }
         }
-        Request::Start { .. } | Request::Continue { .. } => println!("started {}", s(reply, "task")),
+        Request::Start { .. } | Request::Continue { .. } => {
+            println!("started {}", s(reply, "task"))
+        }
         Request::Cancel { .. } => println!("cancelling {}", s(reply, "task")),
         Request::Result { .. } => {
             let t = reply.get("task").unwrap_or(&Value::Null);
@@ -145,7 +169,12 @@ fn print_human(request: &Request, reply: &Value, first: bool) {
                     println!("files:    {}", f.join(", "));
                 }
             }
-            println!("summary:  {}", t.get("summary").and_then(Value::as_str).unwrap_or("(none yet)"));
+            println!(
+                "summary:  {}",
+                t.get("summary")
+                    .and_then(Value::as_str)
+                    .unwrap_or("(none yet)")
+            );
             if let Some(text) = t.get("result_text").and_then(Value::as_str) {
                 println!("\n{text}");
             }
@@ -165,14 +194,21 @@ fn print_human(request: &Request, reply: &Value, first: bool) {
         Request::Events => {
             if let Some(ev) = reply.get("event") {
                 match s(ev, "kind") {
-                    "finished" => println!("{} {}: {}", s(ev, "task"), s(ev, "state"), s(ev, "summary")),
+                    "finished" => {
+                        println!("{} {}: {}", s(ev, "task"), s(ev, "state"), s(ev, "summary"))
+                    }
                     kind => println!("{} {kind}", s(ev, "task")),
                 }
                 let _ = std::io::stdout().flush();
             }
         }
         Request::Transcript => {
-            for e in reply.get("transcript").and_then(Value::as_array).cloned().unwrap_or_default() {
+            for e in reply
+                .get("transcript")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
                 println!("[{}] {}: {}", s(&e, "at"), s(&e, "role"), s(&e, "text"));
             }
         }
@@ -183,7 +219,11 @@ fn print_human(request: &Request, reply: &Value, first: bool) {
 fn print_status(st: &Value) {
     let part = |key: &str| {
         let v = st.get(key).unwrap_or(&Value::Null);
-        let state = v.get("state").and_then(Value::as_str).or_else(|| v.as_str()).unwrap_or("?");
+        let state = v
+            .get("state")
+            .and_then(Value::as_str)
+            .or_else(|| v.as_str())
+            .unwrap_or("?");
         match v.get("error").and_then(Value::as_str) {
             Some(e) => format!("{state} ({e})"),
             None => state.to_string(),
@@ -202,7 +242,12 @@ fn print_status(st: &Value) {
         tasks.get("finished").and_then(Value::as_u64).unwrap_or(0)
     );
     let up = st.get("uptime_s").and_then(Value::as_u64).unwrap_or(0);
-    println!("uptime:   {}h{:02}m{:02}s", up / 3600, up / 60 % 60, up % 60);
+    println!(
+        "uptime:   {}h{:02}m{:02}s",
+        up / 3600,
+        up / 60 % 60,
+        up % 60
+    );
     if let Some(turns) = st.get("recent_transcript").and_then(Value::as_array) {
         for e in turns {
             println!("  {}: {}", s(e, "role"), one_line(s(e, "text"), 90));

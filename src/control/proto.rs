@@ -18,15 +18,24 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         project: Option<String>,
     },
-    Continue { name: String, prompt: String },
-    Cancel { name: String },
-    Result { name: String },
+    Continue {
+        name: String,
+        prompt: String,
+    },
+    Cancel {
+        name: String,
+    },
+    Result {
+        name: String,
+    },
     Logs {
         name: String,
         #[serde(default)]
         follow: bool,
     },
-    Say { text: String },
+    Say {
+        text: String,
+    },
     Press,
     Release,
     /// Streams task events (started, finished) until the client disconnects.
@@ -49,7 +58,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     }
     // serde's deny_unknown_fields does not reach the fields of unit variants of an
     // internally tagged enum, so the allowed fields are checked here for every command.
-    let request: Request = serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
+    let request: Request =
+        serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
     let allowed: &[&str] = match request {
         Request::Start { .. } => &["prompt", "name", "project"],
         Request::Continue { .. } => &["name", "prompt"],
@@ -58,8 +68,16 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         Request::Say { .. } => &["text"],
         _ => &[],
     };
-    if let Some(extra) = value.as_object().into_iter().flatten().map(|(k, _)| k).find(|k| *k != "cmd" && !allowed.contains(&k.as_str())) {
-        return Err(format!("bad request: unknown field `{extra}` for this command"));
+    if let Some(extra) = value
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .find(|k| *k != "cmd" && !allowed.contains(&k.as_str()))
+    {
+        return Err(format!(
+            "bad request: unknown field `{extra}` for this command"
+        ));
     }
     Ok(request)
 }
@@ -78,11 +96,18 @@ mod tests {
         assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse_request(br#"{"cmd":"start","prompt":"fix it","name":"fix"}"#),
-            Ok(Request::Start { prompt: "fix it".into(), name: Some("fix".into()), project: None })
+            Ok(Request::Start {
+                prompt: "fix it".into(),
+                name: Some("fix".into()),
+                project: None
+            })
         );
         assert_eq!(
             parse_request(br#"{"cmd":"logs","name":"x"}"#),
-            Ok(Request::Logs { name: "x".into(), follow: false })
+            Ok(Request::Logs {
+                name: "x".into(),
+                follow: false
+            })
         );
         for (bad, needle) in [
             (&b"not json"[..], "not JSON"),

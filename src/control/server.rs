@@ -30,7 +30,9 @@ const MAX_CONNECTIONS: usize = 64;
 /// Why the daemon cannot take the control socket. Reported, then walkie exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("another walkie is already running for this user ({holder}); stop it first (systemctl --user stop walkie) or use `walkie ctl`")]
+    #[error(
+        "another walkie is already running for this user ({holder}); stop it first (systemctl --user stop walkie) or use `walkie ctl`"
+    )]
     AlreadyRunning { holder: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -112,7 +114,8 @@ impl ControlServer {
             Err(e) => return Err(io_err(&path)(e)),
         }
         let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&path))?;
         Ok(ControlServer {
             listener,
             path,
@@ -142,18 +145,26 @@ impl ControlServer {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
-                    let peer_uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                        .map(|c| c.uid());
+                    let peer_uid = nix::sys::socket::getsockopt(
+                        &stream,
+                        nix::sys::socket::sockopt::PeerCredentials,
+                    )
+                    .map(|c| c.uid());
                     if peer_uid != Ok(self.uid) {
                         log::warn!("control: refused a connection from uid {peer_uid:?}");
-                        let _ = stream.write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n");
+                        let _ =
+                            stream.write_all(b"{\"ok\":false,\"error\":\"permission denied\"}\n");
                         continue;
                     }
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        let _ = stream.write_all(b"{\"ok\":false,\"error\":\"too many control connections\"}\n");
+                        let _ = stream.write_all(
+                            b"{\"ok\":false,\"error\":\"too many control connections\"}\n",
+                        );
                         continue;
                     }
-                    let Some(token) = self.pool.take() else { continue };
+                    let Some(token) = self.pool.take() else {
+                        continue;
+                    };
                     if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
                         log::warn!("control: cannot watch a connection: {e}");
                         self.pool.release(token);
@@ -186,7 +197,9 @@ impl ControlServer {
 
     /// Readiness on a connection: read requests, flush replies.
     pub fn on_ready(&mut self, registry: &Registry, token: Token, event: &mio::event::Event) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         let mut close = false;
         if event.is_readable() || event.is_read_closed() {
             let mut buf = [0u8; 16 * 1024];
@@ -216,7 +229,10 @@ impl ControlServer {
             }
             if conn.inbuf.len() > MAX_REQUEST {
                 conn.inbuf.clear();
-                queue_line(conn, &proto::error_reply(format!("request longer than {MAX_REQUEST} bytes")));
+                queue_line(
+                    conn,
+                    &proto::error_reply(format!("request longer than {MAX_REQUEST} bytes")),
+                );
                 conn.closing = true;
             }
         }
@@ -235,12 +251,18 @@ impl ControlServer {
 
     /// The next parsed request (or the parse error to send back).
     pub fn poll_request(&mut self) -> Option<(Token, Result<Request, String>)> {
-        if self.requests.is_empty() { None } else { Some(self.requests.remove(0)) }
+        if self.requests.is_empty() {
+            None
+        } else {
+            Some(self.requests.remove(0))
+        }
     }
 
     /// Queues one reply line.
     pub fn reply(&mut self, registry: &Registry, token: Token, value: &serde_json::Value) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         queue_line(conn, value);
         self.flush(registry, token);
     }
@@ -262,7 +284,9 @@ impl ControlServer {
 
     /// Streams a line to a subscriber; dropped (and counted) when the client lags.
     pub fn stream(&mut self, registry: &Registry, token: Token, value: &serde_json::Value) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         let line = value.to_string();
         if conn.outbuf.len() - conn.sent + line.len() > MAX_QUEUED {
             conn.skipped += line.len();
@@ -280,7 +304,9 @@ impl ControlServer {
 
     /// Ends a subscription: the final line is sent and the connection closes after it.
     pub fn end_stream(&mut self, registry: &Registry, token: Token, value: &serde_json::Value) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         conn.subscription = None;
         queue_line(conn, value);
         conn.closing = true;
@@ -299,7 +325,9 @@ impl ControlServer {
     }
 
     fn flush(&mut self, registry: &Registry, token: Token) {
-        let Some(conn) = self.conns.get_mut(&token) else { return };
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         let mut dead = false;
         while conn.sent < conn.outbuf.len() {
             match conn.stream.write(&conn.outbuf[conn.sent..]) {
@@ -324,15 +352,26 @@ impl ControlServer {
             conn.sent = 0;
         }
         let awaiting_reply = self.requests.iter().any(|(t, _)| *t == token);
-        if dead || (conn.closing && conn.outbuf.is_empty() && conn.subscription.is_none() && !awaiting_reply) {
+        if dead
+            || (conn.closing
+                && conn.outbuf.is_empty()
+                && conn.subscription.is_none()
+                && !awaiting_reply)
+        {
             self.drop_conn(registry, token);
             return;
         }
         let want_writable = !conn.outbuf.is_empty();
         if want_writable != conn.interest_writable {
-            let interest =
-                if want_writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if registry.reregister(&mut conn.stream, token, interest).is_ok() {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if registry
+                .reregister(&mut conn.stream, token, interest)
+                .is_ok()
+            {
                 conn.interest_writable = want_writable;
             }
         }

@@ -22,8 +22,17 @@ pub struct Trace {
 impl Trace {
     /// Creates (truncates) the trace file, private to the user (it holds the conversation).
     pub fn create(path: &Path, start: Instant) -> io::Result<Trace> {
-        let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-        Ok(Trace { out: BufWriter::new(file), start, failed: false })
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Trace {
+            out: BufWriter::new(file),
+            start,
+            failed: false,
+        })
     }
 
     /// An event walkie sent.
@@ -56,7 +65,9 @@ impl Trace {
         if self.failed {
             return;
         }
-        let res = serde_json::to_writer(&mut self.out, value).map_err(io::Error::from).and_then(|()| self.out.write_all(b"\n"));
+        let res = serde_json::to_writer(&mut self.out, value)
+            .map_err(io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
         if let Err(e) = res {
             log::error!("trace file: {e}; tracing stops");
             self.failed = true;

@@ -64,10 +64,19 @@ pub struct EngineSettings {
 /// Something the rest of the daemon may want to know.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskEvent {
-    Started { name: String },
+    Started {
+        name: String,
+    },
     /// Rendered output of a task someone follows (see [`TaskEngine::set_followed`]).
-    Output { name: String, text: String },
-    Finished { name: String, state: TaskState, summary: String },
+    Output {
+        name: String,
+        text: String,
+    },
+    Finished {
+        name: String,
+        state: TaskState,
+        summary: String,
+    },
     /// The registry changed: persist it.
     Changed,
 }
@@ -81,7 +90,10 @@ pub enum TaskError {
     #[error("no task matches \"{0}\"")]
     NotFound(String),
     #[error("\"{reference}\" could mean {}", candidates.join(" or "))]
-    Ambiguous { reference: String, candidates: Vec<String> },
+    Ambiguous {
+        reference: String,
+        candidates: Vec<String>,
+    },
     #[error("unknown project \"{name}\" (known: {})", if known.is_empty() { "none configured".to_string() } else { known.join(", ") })]
     UnknownProject { name: String, known: Vec<String> },
     #[error("the directory of project \"{name}\" does not exist: {path}")]
@@ -189,17 +201,28 @@ impl TaskEngine {
             };
             if let Some(pid) = root {
                 // Still the same process (pid and start time match): its group is its own.
-                log::warn!("task {}: agent pid {pid} outlived walkie; stopping it", r.name);
+                log::warn!(
+                    "task {}: agent pid {pid} outlived walkie; stopping it",
+                    r.name
+                );
                 let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            log::warn!("task {} was running when walkie stopped: marked interrupted", r.name);
+            log::warn!(
+                "task {} was running when walkie stopped: marked interrupted",
+                r.name
+            );
             r.state = TaskState::Interrupted;
             r.ended_at.get_or_insert_with(crate::clock::now_rfc3339);
             r.pid = None;
             r.pid_start_time = None;
             r.error = Some("walkie stopped while it ran".into());
             r.summary = Some("interrupted: walkie stopped while it ran".into());
-            recoveries.push(Recovery { name: r.name.clone(), id: r.id.clone(), root, since: now });
+            recoveries.push(Recovery {
+                name: r.name.clone(),
+                id: r.id.clone(),
+                root,
+                since: now,
+            });
             changed = true;
         }
         let mut engine = TaskEngine {
@@ -250,9 +273,10 @@ impl TaskEngine {
                 .iter()
                 .find(|r| r.name == name)
                 .ok_or_else(|| TaskError::NotFound(reference.to_string())),
-            Resolution::Ambiguous(candidates) => {
-                Err(TaskError::Ambiguous { reference: reference.to_string(), candidates })
-            }
+            Resolution::Ambiguous(candidates) => Err(TaskError::Ambiguous {
+                reference: reference.to_string(),
+                candidates,
+            }),
             Resolution::NotFound => Err(TaskError::NotFound(reference.to_string())),
         }
     }
@@ -289,7 +313,9 @@ impl TaskEngine {
         let id = format!("{:016x}", fastrand::u64(..));
         let cwd = match project_dir {
             Some(dir) => dir,
-            None => self.scratch_dir(&name, &id).map_err(|e| TaskError::Spawn(e.to_string()))?,
+            None => self
+                .scratch_dir(&name, &id)
+                .map_err(|e| TaskError::Spawn(e.to_string()))?,
         };
         let argv = expand(&self.settings.agent.command, prompt, None);
         let mut record = TaskRecord {
@@ -315,7 +341,8 @@ impl TaskEngine {
         self.spawn(registry, &mut record, &argv)?;
         self.records.push(record);
         self.prune();
-        self.events.push_back(TaskEvent::Started { name: name.clone() });
+        self.events
+            .push_back(TaskEvent::Started { name: name.clone() });
         self.events.push_back(TaskEvent::Changed);
         Ok(name)
     }
@@ -358,7 +385,8 @@ impl TaskEngine {
         if let Some(slot) = self.record_mut(&name) {
             *slot = record;
         }
-        self.events.push_back(TaskEvent::Started { name: name.clone() });
+        self.events
+            .push_back(TaskEvent::Started { name: name.clone() });
         self.events.push_back(TaskEvent::Changed);
         Ok(name)
     }
@@ -406,7 +434,12 @@ impl TaskEngine {
     /// Marks (or unmarks) a task as followed: its output is then queued as
     /// [`TaskEvent::Output`]. Returns false for an unknown or finished task.
     pub fn set_followed(&mut self, name: &str, followed: bool) -> bool {
-        let Some(id) = self.records.iter().find(|r| r.name == name).map(|r| r.id.clone()) else {
+        let Some(id) = self
+            .records
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.id.clone())
+        else {
             return false;
         };
         match self.live.get_mut(&id) {
@@ -442,7 +475,10 @@ impl TaskEngine {
             if let Some(p) = &r.project {
                 out.push_str(&format!(", project {p}"));
             }
-            out.push_str(&format!("): {}", truncate_chars(&redact::redact(&r.prompt), 160)));
+            out.push_str(&format!(
+                "): {}",
+                truncate_chars(&redact::redact(&r.prompt), 160)
+            ));
             if let Some(s) = &r.summary {
                 out.push_str(&format!(" — {s}"));
             }
@@ -488,7 +524,9 @@ impl TaskEngine {
         loop {
             match nix::sys::wait::waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => break,
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(registry, pid.as_raw(), ExitInfo::Code(code), now),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.on_exit(registry, pid.as_raw(), ExitInfo::Code(code), now)
+                }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
                     self.on_exit(registry, pid.as_raw(), ExitInfo::Signal(sig as i32), now)
                 }
@@ -515,8 +553,12 @@ impl TaskEngine {
     // ---- internals ----
 
     fn check_limit(&self) -> Result<(), TaskError> {
-        let running: Vec<String> =
-            self.records.iter().filter(|r| r.state.is_running()).map(|r| r.name.clone()).collect();
+        let running: Vec<String> = self
+            .records
+            .iter()
+            .filter(|r| r.state.is_running())
+            .map(|r| r.name.clone())
+            .collect();
         let limit = self.settings.agent.max_running;
         if running.len() >= limit as usize {
             return Err(TaskError::Limit { limit, running });
@@ -536,7 +578,10 @@ impl TaskEngine {
                 known: self.settings.projects.keys().cloned().collect(),
             })?;
         if !dir.is_dir() {
-            return Err(TaskError::ProjectMissing { name: name.to_string(), path: dir.display().to_string() });
+            return Err(TaskError::ProjectMissing {
+                name: name.to_string(),
+                path: dir.display().to_string(),
+            });
         }
         Ok(dir.clone())
     }
@@ -575,7 +620,12 @@ impl TaskEngine {
         env.into_iter().collect()
     }
 
-    fn spawn(&mut self, registry: &Registry, record: &mut TaskRecord, argv: &[String]) -> Result<(), TaskError> {
+    fn spawn(
+        &mut self,
+        registry: &Registry,
+        record: &mut TaskRecord,
+        argv: &[String],
+    ) -> Result<(), TaskError> {
         let spawn_err = |e: io::Error| TaskError::Spawn(e.to_string());
         let task_dir = self.task_dir(&record.name);
         crate::paths::create_private_dir(&task_dir).map_err(spawn_err)?;
@@ -596,7 +646,9 @@ impl TaskEngine {
         let mut child = cmd.spawn().map_err(|e| {
             let _ = std::fs::remove_dir(&tmpdir);
             if e.kind() == io::ErrorKind::NotFound {
-                TaskError::Spawn(format!("{program}: command not found (agent.command, PATH)"))
+                TaskError::Spawn(format!(
+                    "{program}: command not found (agent.command, PATH)"
+                ))
             } else {
                 TaskError::Spawn(format!("{program}: {e}"))
             }
@@ -611,7 +663,13 @@ impl TaskEngine {
         record.pid_start_time = proc::stat(pid).map(|s| s.start_time);
         let mut text_log = CappedFile::open(task_dir.join("log.txt"), FILE_CAP);
         text_log.write(
-            format!("=== {} run {}: {}\n", crate::clock::now_rfc3339(), record.runs, record.prompt).as_bytes(),
+            format!(
+                "=== {} run {}: {}\n",
+                crate::clock::now_rfc3339(),
+                record.runs,
+                record.prompt
+            )
+            .as_bytes(),
         );
         let mut live = Live {
             id: record.id.clone(),
@@ -635,8 +693,13 @@ impl TaskEngine {
         for (pipe, rx) in [(Pipe::Stdout, stdout), (Pipe::Stderr, stderr)] {
             let Some(mut rx) = rx else { continue };
             let registered = rx.set_nonblocking(true).and_then(|()| {
-                let token = self.pool.take().ok_or_else(|| io::Error::other("out of tokens"))?;
-                registry.register(&mut rx, token, Interest::READABLE).map(|()| token)
+                let token = self
+                    .pool
+                    .take()
+                    .ok_or_else(|| io::Error::other("out of tokens"))?;
+                registry
+                    .register(&mut rx, token, Interest::READABLE)
+                    .map(|()| token)
             });
             match registered {
                 Ok(token) => {
@@ -651,28 +714,41 @@ impl TaskEngine {
                 Err(e) => log::error!("task {}: cannot watch agent {pipe:?}: {e}", record.name),
             }
         }
-        log::info!("task {} started: pid {pid}, cwd {}", record.name, record.cwd);
+        log::info!(
+            "task {} started: pid {pid}, cwd {}",
+            record.name,
+            record.cwd
+        );
         self.live.insert(record.id.clone(), live);
         Ok(())
     }
 
     fn stop(&mut self, id: &str, reason: StopReason, now: Instant) {
         let grace = Duration::from_millis(self.settings.agent.cancel_grace_ms);
-        let Some(live) = self.live.get_mut(id) else { return };
-        if live.stop.is_some_and(|(r, _)| r == reason || r == StopReason::Cancel) {
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        if live
+            .stop
+            .is_some_and(|(r, _)| r == reason || r == StopReason::Cancel)
+        {
             return;
         }
         live.stop = Some((reason, now));
         if live.exit.is_none() {
             // SIGINT first: the CLI then stops its own Bash children and reports.
             let _ = nix::sys::signal::killpg(Pid::from_raw(live.pid), Signal::SIGINT);
-            self.timers.schedule(now + grace / 2, (id.to_string(), TimerKind::Escalate(1)));
-            self.timers.schedule(now + grace, (id.to_string(), TimerKind::Escalate(2)));
+            self.timers
+                .schedule(now + grace / 2, (id.to_string(), TimerKind::Escalate(1)));
+            self.timers
+                .schedule(now + grace, (id.to_string(), TimerKind::Escalate(2)));
         }
     }
 
     fn escalate(&mut self, id: &str, stage: u8, _now: Instant) {
-        let Some(live) = self.live.get(id) else { return };
+        let Some(live) = self.live.get(id) else {
+            return;
+        };
         if live.exit.is_some() {
             return; // the sweep takes over once the agent is reaped
         }
@@ -692,7 +768,11 @@ impl TaskEngine {
     }
 
     fn on_exit(&mut self, registry: &Registry, pid: i32, exit: ExitInfo, now: Instant) {
-        let Some(id) = self.live.iter().find(|(_, l)| l.pid == pid && l.exit.is_none()).map(|(id, _)| id.clone())
+        let Some(id) = self
+            .live
+            .iter()
+            .find(|(_, l)| l.pid == pid && l.exit.is_none())
+            .map(|(id, _)| id.clone())
         else {
             log::debug!("reaped orphan pid {pid} ({exit:?})");
             return;
@@ -709,20 +789,32 @@ impl TaskEngine {
         if survivors.is_empty() {
             live.sweep = Sweep::Done { at: now };
         } else {
-            log::info!("task {}: agent exited, stopping {} leftover process(es)", live.name, survivors.len());
-            live.sweep = Sweep::Running { started: now, kill_at: now + grace };
+            log::info!(
+                "task {}: agent exited, stopping {} leftover process(es)",
+                live.name,
+                survivors.len()
+            );
+            live.sweep = Sweep::Running {
+                started: now,
+                kill_at: now + grace,
+            };
         }
         self.sweep_step(registry, &id, now);
     }
 
     fn sweep_step(&mut self, registry: &Registry, id: &str, now: Instant) {
-        let Some(live) = self.live.get_mut(id) else { return };
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
         if let Sweep::Running { started, kill_at } = live.sweep {
             let survivors = proc::task_processes(id, None);
             if survivors.is_empty() {
                 live.sweep = Sweep::Done { at: now };
             } else if now >= started + SWEEP_GIVE_UP {
-                log::error!("task {}: processes {survivors:?} would not die; giving up on them", live.name);
+                log::error!(
+                    "task {}: processes {survivors:?} would not die; giving up on them",
+                    live.name
+                );
                 live.sweep = Sweep::Done { at: now };
             } else {
                 if now >= kill_at {
@@ -730,22 +822,30 @@ impl TaskEngine {
                         let _ = nix::sys::signal::kill(Pid::from_raw(*p), Signal::SIGKILL);
                     }
                 }
-                self.timers.schedule(now + SWEEP_POLL, (id.to_string(), TimerKind::Sweep));
+                self.timers
+                    .schedule(now + SWEEP_POLL, (id.to_string(), TimerKind::Sweep));
                 return;
             }
         }
-        let Sweep::Done { at } = live.sweep else { return };
+        let Sweep::Done { at } = live.sweep else {
+            return;
+        };
         let pipes_open = live.stdout.is_some() || live.stderr.is_some();
         if pipes_open && now < at + PIPE_GRACE {
-            self.timers.schedule(at + PIPE_GRACE, (id.to_string(), TimerKind::Sweep));
+            self.timers
+                .schedule(at + PIPE_GRACE, (id.to_string(), TimerKind::Sweep));
             return;
         }
         self.finish(registry, id, now);
     }
 
     fn read_pipe(&mut self, registry: &Registry, token: Token, now: Instant) {
-        let Some((id, pipe)) = self.tokens.get(&token).cloned() else { return };
-        let Some(live) = self.live.get_mut(&id) else { return };
+        let Some((id, pipe)) = self.tokens.get(&token).cloned() else {
+            return;
+        };
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
         let slot = match pipe {
             Pipe::Stdout => &mut live.stdout,
             Pipe::Stderr => &mut live.stderr,
@@ -824,7 +924,11 @@ impl TaskEngine {
         }
         if let Some(session) = live.parser.session_id() {
             let session = session.to_string();
-            let name = self.records.iter().find(|r| r.id == id).map(|r| r.name.clone());
+            let name = self
+                .records
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| r.name.clone());
             if let Some(r) = name.and_then(|n| self.record_mut(&n)) {
                 if r.session_id.as_deref() != Some(session.as_str()) {
                     r.session_id = Some(session);
@@ -834,7 +938,10 @@ impl TaskEngine {
         }
         if eof {
             let live = &self.live[&id];
-            if matches!(live.sweep, Sweep::Done { .. }) && live.stdout.is_none() && live.stderr.is_none() {
+            if matches!(live.sweep, Sweep::Done { .. })
+                && live.stdout.is_none()
+                && live.stderr.is_none()
+            {
                 self.finish(registry, &id, now);
             }
         }
@@ -842,8 +949,13 @@ impl TaskEngine {
 
     /// Decides the outcome and retires the live state. Called once per run.
     fn finish(&mut self, registry: &Registry, id: &str, _now: Instant) {
-        let Some(mut live) = self.live.remove(id) else { return };
-        for (token, mut rx) in [live.stdout.take(), live.stderr.take()].into_iter().flatten() {
+        let Some(mut live) = self.live.remove(id) else {
+            return;
+        };
+        for (token, mut rx) in [live.stdout.take(), live.stderr.take()]
+            .into_iter()
+            .flatten()
+        {
             // Read what is left without waiting, then let go.
             let mut rest = Vec::new();
             let _ = rx.read_to_end(&mut rest);
@@ -859,17 +971,23 @@ impl TaskEngine {
         }
         self.stream_events.clear();
         live.parser.finish(&mut self.stream_events);
-        let exit = live.exit.unwrap_or(ExitInfo::Signal(Signal::SIGKILL as i32));
+        let exit = live
+            .exit
+            .unwrap_or(ExitInfo::Signal(Signal::SIGKILL as i32));
         let verdict = super::stream::verdict(&live.parser, exit);
         let final_text = live
             .parser
             .result()
             .and_then(|r| r.text.clone())
             .or_else(|| live.parser.last_text().map(str::to_string))
-            .or_else(|| Some(live.parser.plain_tail().to_string()).filter(|t| !t.trim().is_empty()));
+            .or_else(|| {
+                Some(live.parser.plain_tail().to_string()).filter(|t| !t.trim().is_empty())
+            });
         let (state, error) = match (live.stop.map(|(r, _)| r), verdict) {
             (Some(StopReason::Cancel), _) => (TaskState::Cancelled, None),
-            (Some(StopReason::Shutdown), _) => (TaskState::Interrupted, Some("walkie shut down".to_string())),
+            (Some(StopReason::Shutdown), _) => {
+                (TaskState::Interrupted, Some("walkie shut down".to_string()))
+            }
             (None, Verdict::Succeeded) => (TaskState::Succeeded, None),
             (None, Verdict::Failed { reason }) => (TaskState::Failed, Some(reason)),
             (None, Verdict::Interrupted { reason }) => (TaskState::Interrupted, Some(reason)),
@@ -889,9 +1007,12 @@ impl TaskEngine {
         let files: Vec<String> = live.parser.files_changed().to_vec();
         let session = live.parser.session_id().map(str::to_string);
         let cost = live.parser.result().and_then(|r| r.total_cost_usd);
-        live.text_log.write(format!("=== {}: {summary}\n", state.as_str()).as_bytes());
+        live.text_log
+            .write(format!("=== {}: {summary}\n", state.as_str()).as_bytes());
         let tmpdir = live.tmpdir.clone();
-        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else { return };
+        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
         record.state = state;
         record.pid = None;
         record.pid_start_time = None;
@@ -902,7 +1023,8 @@ impl TaskEngine {
         });
         record.summary = Some(summary.clone());
         record.error = error.map(|e| redact::redact(&e));
-        record.result_text = final_text.map(|t| truncate_bytes(&redact::redact(&t), RESULT_TEXT_BYTES));
+        record.result_text =
+            final_text.map(|t| truncate_bytes(&redact::redact(&t), RESULT_TEXT_BYTES));
         if session.is_some() {
             record.session_id = session;
         }
@@ -920,7 +1042,11 @@ impl TaskEngine {
         std::thread::spawn(move || {
             let _ = std::fs::remove_dir_all(tmpdir);
         });
-        self.events.push_back(TaskEvent::Finished { name, state, summary });
+        self.events.push_back(TaskEvent::Finished {
+            name,
+            state,
+            summary,
+        });
         self.events.push_back(TaskEvent::Changed);
         self.prune();
     }
@@ -938,7 +1064,11 @@ impl TaskEngine {
                 log::error!("task {}: leftover processes {left:?} would not die", r.name);
                 return false;
             }
-            log::warn!("task {}: stopping {} leftover process(es) of the previous run", r.name, left.len());
+            log::warn!(
+                "task {}: stopping {} leftover process(es) of the previous run",
+                r.name,
+                left.len()
+            );
             for p in left {
                 let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
             }
@@ -976,7 +1106,10 @@ fn emit_output(live: &mut Live, events: &mut VecDeque<TaskEvent>, rendered: &str
     live.tail.push(rendered.as_bytes());
     live.text_log.write(rendered.as_bytes());
     if live.followed {
-        events.push_back(TaskEvent::Output { name: live.name.clone(), text: rendered.to_string() });
+        events.push_back(TaskEvent::Output {
+            name: live.name.clone(),
+            text: rendered.to_string(),
+        });
     }
 }
 
@@ -995,7 +1128,9 @@ fn render(ev: &StreamEvent, out: &mut String) {
             r.text.as_deref().unwrap_or("")
         ),
         StreamEvent::Plain(line) => writeln!(out, "{line}"),
-        StreamEvent::Truncated { len } => writeln!(out, "[walkie: dropped an oversized {len}-byte line]"),
+        StreamEvent::Truncated { len } => {
+            writeln!(out, "[walkie: dropped an oversized {len}-byte line]")
+        }
         StreamEvent::Malformed { reason } => writeln!(out, "[walkie: unreadable line: {reason}]"),
     };
 }
@@ -1039,7 +1174,9 @@ mod tests {
 
     #[test]
     fn expand_keeps_the_prompt_one_argument() {
-        let t: Vec<String> = ["claude", "-p", "{prompt}", "--x={prompt}"].map(String::from).to_vec();
+        let t: Vec<String> = ["claude", "-p", "{prompt}", "--x={prompt}"]
+            .map(String::from)
+            .to_vec();
         let argv = expand(&t, "rm -rf / ; echo $HOME", None);
         assert_eq!(argv[2], "rm -rf / ; echo $HOME");
         assert_eq!(argv[3], "--x=rm -rf / ; echo $HOME");

@@ -1,13 +1,13 @@
 //! The task engine: agent processes started from the `agent.command` template, supervised
 //! on the poll loop, parsed, summarised, and kept in a registry.
 
-pub mod names;
-pub mod redact;
-pub mod stream;
 pub mod engine;
+pub mod names;
 pub mod output;
 pub mod proc;
 pub mod record;
+pub mod redact;
+pub mod stream;
 
 pub use engine::{EngineSettings, TaskEngine, TaskError, TaskEvent};
 pub use record::{TaskRecord, TaskState};

@@ -245,11 +245,15 @@ fn fit(name: &str, max: usize) -> &str {
 /// "flaky-test-2"); accents folded ("Café" → "cafe"); apostrophes join ("don't" → "dont").
 pub fn sanitize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for word in words(s) {
-        if !out.is_empty() {
+    for (i, word) in words(s).iter().enumerate() {
+        if i > 0 {
             out.push('-');
+            // Spoken numbers name the -2, -3 suffixes; a leading word ("one", "ten") is a
+            // name of its own and stays a word.
+            out.push_str(number(word));
+        } else {
+            out.push_str(word);
         }
-        out.push_str(number(&word));
     }
     out
 }
@@ -437,7 +441,7 @@ mod tests {
                 "readme-md",
             ),
             ("I'd like you to speed up the CI pipeline", "ci-pipeline"),
-            ("Let's migrate the two old services", "2-old-services"),
+            ("Let's migrate the two old services", "two-old-services"),
         ];
         for (prompt, expected) in cases {
             assert_eq!(derive(prompt), expected, "{prompt}");
@@ -505,7 +509,8 @@ mod tests {
     fn sanitize_rules() {
         assert_eq!(sanitize("Flaky Test!"), "flaky-test");
         assert_eq!(sanitize("flaky test two"), "flaky-test-2");
-        assert_eq!(sanitize("Ten Little Bugs"), "10-little-bugs");
+        assert_eq!(sanitize("Ten Little Bugs"), "ten-little-bugs");
+        assert_eq!(sanitize("one"), "one");
         assert_eq!(
             sanitize("  --Mixed__CASE  & punctuation--  "),
             "mixed-case-punctuation"

@@ -27,7 +27,11 @@ pub struct Tail {
 
 impl Tail {
     pub fn new(cap: usize) -> Tail {
-        Tail { buf: VecDeque::new(), cap, total: 0 }
+        Tail {
+            buf: VecDeque::new(),
+            cap,
+            total: 0,
+        }
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
@@ -69,13 +73,23 @@ pub struct CappedFile {
 
 impl CappedFile {
     pub fn open(path: PathBuf, cap: u64) -> CappedFile {
-        let mut f = CappedFile { path, file: None, written: 0, cap, failed: false };
+        let mut f = CappedFile {
+            path,
+            file: None,
+            written: 0,
+            cap,
+            failed: false,
+        };
         f.reopen();
         f
     }
 
     fn reopen(&mut self) {
-        match OpenOptions::new().create(true).append(true).open(&self.path) {
+        match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
             Ok(file) => {
                 self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
                 self.file = Some(file);
@@ -86,7 +100,10 @@ impl CappedFile {
 
     fn fail(&mut self, e: io::Error) {
         if !self.failed {
-            log::warn!("cannot write {}: {e}; output to it is dropped", self.path.display());
+            log::warn!(
+                "cannot write {}: {e}; output to it is dropped",
+                self.path.display()
+            );
         }
         self.failed = true;
         self.file = None;
@@ -172,7 +189,10 @@ mod tests {
         assert!(main <= 100 && old <= 100, "{main} {old}");
         let tail = read_tail(&path, 30).unwrap();
         assert!(tail.ends_with("line 0099\n"), "{tail}");
-        assert!(tail.starts_with("line "), "starts at a line boundary: {tail}");
+        assert!(
+            tail.starts_with("line "),
+            "starts at a line boundary: {tail}"
+        );
     }
 
     #[test]

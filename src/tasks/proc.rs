@@ -45,7 +45,14 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let sid = rest.next()?.parse().ok()?;
     // Fields 7..21 (tty_nr … itrealvalue) are skipped; field 22 is starttime.
     let start_time = rest.nth(15)?.parse().ok()?;
-    Some(ProcStat { pid, state, ppid, pgid, sid, start_time })
+    Some(ProcStat {
+        pid,
+        state,
+        ppid,
+        pgid,
+        sid,
+        start_time,
+    })
 }
 
 /// `/proc/<pid>/stat` of one process, or `None` when it does not exist.
@@ -62,7 +69,8 @@ fn all_pids() -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 fn environ_has(pid: i32, needle: &[u8]) -> bool {
@@ -99,7 +107,11 @@ pub fn task_processes(task_id: &str, root: Option<i32>) -> Vec<i32> {
             queue.extend(kids.iter().copied());
         }
     }
-    let alive: HashSet<i32> = stats.iter().filter(|s| s.is_alive()).map(|s| s.pid).collect();
+    let alive: HashSet<i32> = stats
+        .iter()
+        .filter(|s| s.is_alive())
+        .map(|s| s.pid)
+        .collect();
     let mut out: Vec<i32> = found.into_iter().filter(|p| alive.contains(p)).collect();
     out.sort_unstable();
     out
@@ -113,7 +125,10 @@ mod tests {
     fn parses_stat_with_hostile_command_names() {
         let line = "4242 (evil) name (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50 18446744073709551615";
         let s = parse_stat(line).unwrap();
-        assert_eq!((s.pid, s.state, s.ppid, s.pgid, s.sid), (4242, 'S', 1, 4242, 4242));
+        assert_eq!(
+            (s.pid, s.state, s.ppid, s.pgid, s.sid),
+            (4242, 'S', 1, 4242, 4242)
+        );
         assert_eq!(s.start_time, 987654);
         assert!(s.is_alive());
         assert!(parse_stat("garbage").is_none());
@@ -138,7 +153,10 @@ mod tests {
             .env(MARKER_VAR, &id)
             .spawn()
             .unwrap();
-        let mut unmarked = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut unmarked = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut found = Vec::new();
         while std::time::Instant::now() < deadline {
@@ -152,9 +170,15 @@ mod tests {
         assert_eq!(found.len(), 2, "sh and its sleep: {found:?}");
         assert!(!found.contains(&(unmarked.id() as i32)));
         // The tree root alone finds the unmarked one.
-        assert_eq!(task_processes("nothing-has-this", Some(unmarked.id() as i32)), vec![unmarked.id() as i32]);
+        assert_eq!(
+            task_processes("nothing-has-this", Some(unmarked.id() as i32)),
+            vec![unmarked.id() as i32]
+        );
         for pid in &found {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = unmarked.kill();
         let _ = marked.wait();

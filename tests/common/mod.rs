@@ -33,7 +33,9 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
-            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            let state = s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -45,7 +47,9 @@ pub fn alive(pid: i32) -> bool {
 pub fn processes_with_env(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
             if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) && alive(pid) {
                 out.push(pid);
@@ -59,9 +63,15 @@ pub fn processes_with_env(needle: &str) -> Vec<i32> {
 pub fn zombies_of(parent: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let state = f.next();
         let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -98,7 +108,11 @@ impl Walkie {
         for sub in ["home", "config/walkie", "state", "data", "runtime"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let w = Walkie { dir, child: None, extra_env: HashMap::new() };
+        let w = Walkie {
+            dir,
+            child: None,
+            extra_env: HashMap::new(),
+        };
         w.write_config(&w.default_config(""));
         w
     }
@@ -147,12 +161,27 @@ cancel_grace_ms = 1000
 
     pub fn env(&self) -> Vec<(String, String)> {
         let mut env = vec![
-            ("PATH".to_string(), std::env::var("PATH").unwrap_or_default()),
+            (
+                "PATH".to_string(),
+                std::env::var("PATH").unwrap_or_default(),
+            ),
             ("HOME".to_string(), self.path("home").display().to_string()),
-            ("XDG_CONFIG_HOME".to_string(), self.path("config").display().to_string()),
-            ("XDG_STATE_HOME".to_string(), self.path("state").display().to_string()),
-            ("XDG_DATA_HOME".to_string(), self.path("data").display().to_string()),
-            ("XDG_RUNTIME_DIR".to_string(), self.path("runtime").display().to_string()),
+            (
+                "XDG_CONFIG_HOME".to_string(),
+                self.path("config").display().to_string(),
+            ),
+            (
+                "XDG_STATE_HOME".to_string(),
+                self.path("state").display().to_string(),
+            ),
+            (
+                "XDG_DATA_HOME".to_string(),
+                self.path("data").display().to_string(),
+            ),
+            (
+                "XDG_RUNTIME_DIR".to_string(),
+                self.path("runtime").display().to_string(),
+            ),
             ("WALKIE_LOG".to_string(), "debug".to_string()),
         ];
         for (k, v) in &self.extra_env {
@@ -163,7 +192,10 @@ cancel_grace_ms = 1000
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(WALKIE);
-        cmd.args(args).env_clear().envs(self.env()).current_dir(self.dir.path());
+        cmd.args(args)
+            .env_clear()
+            .envs(self.env())
+            .current_dir(self.dir.path());
         cmd
     }
 
@@ -173,10 +205,20 @@ cancel_grace_ms = 1000
     }
 
     pub fn start_with(&mut self, extra_args: &[&str]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .unwrap();
         let mut args = vec!["run"];
         args.extend_from_slice(extra_args);
-        let child = self.command(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let child = self
+            .command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
         self.child = Some(child);
         let sock = self.socket();
         let ok = wait_until(Duration::from_secs(20), || {
@@ -187,7 +229,11 @@ cancel_grace_ms = 1000
             }
             UnixStream::connect(&sock).is_ok()
         });
-        assert!(ok, "walkie did not open its control socket:\n{}", self.log());
+        assert!(
+            ok,
+            "walkie did not open its control socket:\n{}",
+            self.log()
+        );
     }
 
     pub fn pid(&self) -> i32 {
@@ -230,15 +276,24 @@ cancel_grace_ms = 1000
         full.extend_from_slice(args);
         let (code, out, err) = self.ctl(&full);
         assert_eq!(code, 0, "start failed: {err}\n{}", self.log());
-        out.trim().strip_prefix("started ").expect("started NAME").to_string()
+        out.trim()
+            .strip_prefix("started ")
+            .expect("started NAME")
+            .to_string()
     }
 
     pub fn tasks(&self) -> Vec<Value> {
-        self.ctl_json(&["tasks"]).as_array().cloned().unwrap_or_default()
+        self.ctl_json(&["tasks"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn task(&self, name: &str) -> Value {
-        self.tasks().into_iter().find(|t| t["name"] == name).unwrap_or_else(|| panic!("no task {name}"))
+        self.tasks()
+            .into_iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("no task {name}"))
     }
 
     /// Waits until task `name` is in a state other than running; returns its record.
@@ -284,7 +339,8 @@ cancel_grace_ms = 1000
 
     pub fn state_json(&self) -> Value {
         let text = std::fs::read_to_string(self.state_file()).unwrap();
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("state file is not valid JSON ({e}): {text}"))
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("state file is not valid JSON ({e}): {text}"))
     }
 
     /// The working directory of a task (scratch dir).
@@ -313,7 +369,15 @@ impl Drop for Walkie {
             if let Ok(mut f) = std::fs::File::open(self.log_file()) {
                 let _ = f.read_to_string(&mut log);
             }
-            let tail: String = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             eprintln!("--- walkie log (tail) ---\n{tail}");
         }
     }
@@ -321,7 +385,10 @@ impl Drop for Walkie {
 
 /// Kills a process we know only by pid (cleanup of grandchildren in tests).
 pub fn kill(pid: i32) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 pub fn read_pid(path: &Path) -> Option<i32> {
