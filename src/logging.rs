@@ -16,7 +16,10 @@ struct StderrLogger {
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        // Other crates stay at info and above: tungstenite logs the raw upgrade request
+        // (with the Authorization header) at trace level, and the key must never be logged.
+        let ours = metadata.target().starts_with("walkie");
+        metadata.level() <= log::max_level() && (ours || metadata.level() <= Level::Info)
     }
 
     fn log(&self, record: &Record) {
