@@ -394,3 +394,140 @@ pub fn kill(pid: i32) {
 pub fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
+
+/// The fake Realtime server (tools/fake-realtime) as a child process.
+pub struct FakeRealtime {
+    pub child: Child,
+    pub url: String,
+    pub control_port: u16,
+    pub record: PathBuf,
+    pub cert: Option<PathBuf>,
+}
+
+impl FakeRealtime {
+    /// Starts it in `dir` with extra arguments (e.g. `--script`, `--session-seconds`).
+    pub fn start(dir: &Path, extra: &[&str]) -> FakeRealtime {
+        Self::start_opts(dir, false, extra)
+    }
+
+    pub fn start_opts(dir: &Path, tls: bool, extra: &[&str]) -> FakeRealtime {
+        let record = dir.join("received.jsonl");
+        let cert = dir.join("fake-ca.pem");
+        let mut cmd = Command::new(FAKE_REALTIME);
+        cmd.arg("--record").arg(&record).args(extra);
+        if tls {
+            cmd.arg("--tls").arg("--cert-out").arg(&cert);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let (mut url, mut control_port) = (String::new(), 0);
+        while url.is_empty() {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "fake-realtime exited before listening");
+            if let Some(c) = line.trim().strip_prefix("control ") {
+                control_port = c.rsplit(':').next().unwrap().parse().unwrap();
+            } else if let Some(u) = line.trim().strip_prefix("listening ") {
+                url = format!("{u}/v1/realtime");
+            }
+        }
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = reader.read_to_string(&mut sink);
+        });
+        FakeRealtime { child, url, control_port, record, cert: tls.then_some(cert) }
+    }
+
+    /// Sends one control command; returns the reply.
+    pub fn control(&self, cmd: Value) -> Value {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.control_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    pub fn state(&self) -> Value {
+        self.control(serde_json::json!({"cmd": "state"}))
+    }
+
+    /// Every record line so far.
+    pub fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The client events received (in order), with their connection number.
+    pub fn events(&self) -> Vec<(u64, Value)> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| Some((r["conn"].as_u64()?, r.get("event")?.clone())))
+            .collect()
+    }
+
+    pub fn events_of_type(&self, kind: &str) -> Vec<Value> {
+        self.events().into_iter().map(|(_, e)| e).filter(|e| e["type"] == kind).collect()
+    }
+
+    /// Waits until `pred` holds for the received events.
+    pub fn wait_events(&self, timeout: Duration, what: &str, mut pred: impl FnMut(&[(u64, Value)]) -> bool) {
+        let mut last = Vec::new();
+        let ok = wait_until(timeout, || {
+            last = self.events();
+            pred(&last)
+        });
+        assert!(ok, "fake-realtime never saw {what}; received: {:#?}", last.iter().map(|(c, e)| (c, e["type"].clone())).collect::<Vec<_>>());
+    }
+}
+
+impl Drop for FakeRealtime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Walkie {
+    /// The test configuration pointed at a fake Realtime server.
+    pub fn realtime_config(&self, fake: &FakeRealtime, agent_extra: &str, realtime_extra: &str) -> String {
+        let ca = fake.cert.as_ref().map(|c| format!("ca_file = \"{}\"\n", c.display())).unwrap_or_default();
+        self.default_config(agent_extra).replace(
+            "[realtime]\nurl = \"none\"\n",
+            &format!("[realtime]\nurl = \"{}\"\napi_key_env = \"WALKIE_TEST_KEY\"\n{ca}{realtime_extra}\n", fake.url),
+        )
+    }
+
+    /// Waits until `walkie ctl status` says the link is connected and the session ready.
+    pub fn wait_connected(&self) {
+        let mut st = Value::Null;
+        let ok = wait_until(Duration::from_secs(20), || {
+            st = self.ctl_json(&["status"]);
+            st["link"] == "connected" && st["conversation"]["session_ready"] == true
+        });
+        assert!(ok, "never connected: {st}\n{}", self.log());
+    }
+}
+
+/// The Python with the official OpenAI SDK (`make sdk-venv`).
+pub fn sdk_python() -> PathBuf {
+    let p = std::env::var_os("WALKIE_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(p.exists(), "{} not found: run `make sdk-venv` (or `make test`), or set WALKIE_SDK_PYTHON", p.display());
+    p
+}
+
+/// Validates every sent event of a trace file with the SDK models; returns the event
+/// types it checked.
+pub fn check_trace_with_sdk(trace: &Path) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/sdk-check/check_trace.py");
+    let out = Command::new(sdk_python()).arg(script).arg(trace).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "SDK check failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    let last = text.lines().last().unwrap_or("");
+    last.split_once(": ").map(|(_, k)| k.split(',').map(str::to_string).collect()).unwrap_or_default()
+}
