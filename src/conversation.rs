@@ -120,6 +120,8 @@ pub enum SayError {
 /// A commit needs at least 100 ms of audio, or the server answers
 /// `input_audio_buffer_commit_empty`.
 const MIN_TURN_SAMPLES: u64 = 100 * FRAMES_PER_MS;
+/// The shortest press that counts as speech (DESIGN.md §2: under 100 ms, clear instead).
+const MIN_TURN: Duration = Duration::from_millis(100);
 /// Rotate at most this long before `expires_at`.
 const ROTATION_LEAD_MAX_S: i64 = 300;
 /// The longest Realtime session (realtime-ga.md); the fallback when `expires_at` is implausible.
@@ -216,6 +218,8 @@ pub struct Conversation {
     wanted: Option<Want>,
     next_event_number: u64,
     button_down: bool,
+    /// When the current press began.
+    pressed_at: Option<Instant>,
     capturing: bool,
     captured_samples: u64,
     /// Frames of every `Play` emitted; equals `PlaybackProgress::queued_frames` once the
@@ -252,6 +256,7 @@ impl Conversation {
             wanted: None,
             next_event_number: 1,
             button_down: false,
+            pressed_at: None,
             capturing: false,
             captured_samples: 0,
             queued_frames: 0,
@@ -334,9 +339,11 @@ impl Conversation {
         self.last_activity = Some(now);
         self.note_playback(playback);
         if pressed {
+            self.pressed_at = Some(now);
             self.press(playback);
         } else {
-            self.release();
+            let held = self.pressed_at.take().map(|t| now.saturating_duration_since(t));
+            self.release(held.unwrap_or_default());
         }
         self.after_input(now);
     }
@@ -842,14 +849,16 @@ impl Conversation {
         self.captured_samples = 0;
     }
 
-    fn release(&mut self) {
+    /// `held`: how long the button was down. A tap shorter than [`MIN_TURN`] is not a turn
+    /// even though the pre-roll alone would make a committable buffer.
+    fn release(&mut self, held: Duration) {
         if !self.capturing {
             return;
         }
         self.capturing = false;
         self.push(Action::StopCapture);
         self.push(Action::Earcon(Earcon::Release));
-        if self.captured_samples >= MIN_TURN_SAMPLES {
+        if held >= MIN_TURN && self.captured_samples >= MIN_TURN_SAMPLES {
             self.push(Action::Send(ClientEvent::InputAudioBufferCommit {
                 event_id: None,
             }));
@@ -1228,7 +1237,8 @@ mod tests {
         fn turn(&mut self, ms: u64, samples: usize) -> Vec<Action> {
             let mut actions = self.press(ms);
             actions.extend(self.audio(ms + 1, samples));
-            actions.extend(self.release(ms + 2));
+            // Held as long as the audio lasts (a press under 100 ms is never a turn).
+            actions.extend(self.release(ms + 1 + samples as u64 / FRAMES_PER_MS));
             actions
         }
 
@@ -1833,7 +1843,22 @@ mod tests {
         assert!(rig.tools.calls.is_empty());
         assert_eq!(rig.server(50, &done("resp_1", "cancelled")), []);
         rig.audio(60, 4800);
-        assert_eq!(count(&rig.release(70), "response.create"), 1);
+        assert_eq!(count(&rig.release(230), "response.create"), 1);
+    }
+
+    #[test]
+    fn a_tap_is_cleared_even_with_a_full_pre_roll() {
+        let mut rig = Rig::ready();
+        rig.press(10);
+        rig.audio(11, 7200); // 300 ms of pre-roll
+        let actions = rig.release(60); // held 50 ms
+        assert_eq!(count(&actions, "input_audio_buffer.commit"), 0);
+        assert_eq!(count(&actions, "input_audio_buffer.clear"), 1);
+        assert_eq!(count(&actions, "response.create"), 0);
+        rig.press(100);
+        rig.audio(101, 7200);
+        let actions = rig.release(200); // held 100 ms
+        assert_eq!(count(&actions, "input_audio_buffer.commit"), 1);
     }
 
     // ---- 6. notifications ----
