@@ -342,7 +342,10 @@ impl Conversation {
             self.pressed_at = Some(now);
             self.press(playback);
         } else {
-            let held = self.pressed_at.take().map(|t| now.saturating_duration_since(t));
+            let held = self
+                .pressed_at
+                .take()
+                .map(|t| now.saturating_duration_since(t));
             self.release(held.unwrap_or_default());
         }
         self.after_input(now);

@@ -20,9 +20,17 @@ fn a_bad_config_names_the_key_and_line_and_exits_2() {
         ("[audio]\nperiod_ms = 0\n", ":2:", "period_ms"),
         ("[realtime]\nvoce = \"marin\"\n", ":2:", "voce"),
         ("[button]\nmode = \"sideways\"\n", ":2:", "mode"),
-        ("\n\n[agent]\nmax_running = \"three\"\n", ":4:", "max_running"),
+        (
+            "\n\n[agent]\nmax_running = \"three\"\n",
+            ":4:",
+            "max_running",
+        ),
         ("[agent\n", ":1:", ""),
-        ("[realtime]\nurl = \"ws://example.com/v1/realtime\"\n", ":2:", "url"),
+        (
+            "[realtime]\nurl = \"ws://example.com/v1/realtime\"\n",
+            ":2:",
+            "url",
+        ),
     ];
     for (text, line, key) in cases {
         w.write_config(text);
@@ -30,7 +38,10 @@ fn a_bad_config_names_the_key_and_line_and_exits_2() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
         let path = w.config_path().display().to_string();
-        assert!(err.contains(&format!("{path}{line}")) && err.contains(key), "{text:?}: {err}");
+        assert!(
+            err.contains(&format!("{path}{line}")) && err.contains(key),
+            "{text:?}: {err}"
+        );
         let out = w.run_cmd(&["config", "check"]);
         assert_eq!(out.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&out.stderr).contains(key));
@@ -48,12 +59,27 @@ fn config_example_is_valid_and_check_says_ok() {
     let out = w.run_cmd(&["config", "example"]);
     assert_eq!(out.status.code(), Some(0));
     let example = String::from_utf8(out.stdout).unwrap();
-    for key in ["[realtime]", "api_key_env", "[audio]", "preroll_ms", "[button]", "max_hold_s", "[agent]", "env_pass", "[projects]"] {
+    for key in [
+        "[realtime]",
+        "api_key_env",
+        "[audio]",
+        "preroll_ms",
+        "[button]",
+        "max_hold_s",
+        "[agent]",
+        "env_pass",
+        "[projects]",
+    ] {
         assert!(example.contains(key), "example lacks {key}");
     }
     std::fs::write(w.config_path(), &example).unwrap();
     let out = w.run_cmd(&["config", "check"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
     std::fs::remove_file(w.config_path()).unwrap();
     let out = w.run_cmd(&["config", "check"]);
@@ -65,20 +91,39 @@ fn config_example_is_valid_and_check_says_ok() {
 fn a_corrupt_state_file_is_moved_aside_and_the_daemon_starts() {
     let mut w = Walkie::new();
     std::fs::create_dir_all(w.path("state/walkie")).unwrap();
-    std::fs::write(w.state_file(), "{\"version\":1,\"tasks\":[{\"name\": 12}] garbage").unwrap();
+    std::fs::write(
+        w.state_file(),
+        "{\"version\":1,\"tasks\":[{\"name\": 12}] garbage",
+    )
+    .unwrap();
     w.start();
     assert!(w.log().contains("moved to"), "{}", w.log());
     let aside: Vec<_> = std::fs::read_dir(w.path("state/walkie"))
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("state.json.corrupt-"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
         .collect();
     assert_eq!(aside.len(), 1);
-    assert!(std::fs::read_to_string(aside[0].path()).unwrap().contains("garbage"), "kept as it was");
+    assert!(
+        std::fs::read_to_string(aside[0].path())
+            .unwrap()
+            .contains("garbage"),
+        "kept as it was"
+    );
     let name = w.start_task(&["@sleep=0"]);
     w.wait_finished(&name, T);
-    assert!(wait_until(T, || w.state_json()["tasks"].as_array().is_some_and(|t| t.len() == 1)));
-    let mode = std::fs::metadata(w.state_file()).unwrap().permissions().mode() & 0o777;
+    assert!(wait_until(T, || w.state_json()["tasks"]
+        .as_array()
+        .is_some_and(|t| t.len() == 1)));
+    let mode = std::fs::metadata(w.state_file())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 }
 
@@ -93,18 +138,26 @@ fn malformed_control_requests_get_clear_errors_and_the_daemon_keeps_going() {
         (b"{\"cmd\":\"start\"}\n", "prompt"),
         (b"{\"cmd\":\"start\",\"prompt\":\"  \"}\n", "empty"),
         (b"{\"cmd\":\"status\",\"x\":1}\n", "x"),
-        (b"{\"cmd\":\"cancel\",\"name\":\"nobody\"}\n", "no task matches"),
+        (
+            b"{\"cmd\":\"cancel\",\"name\":\"nobody\"}\n",
+            "no task matches",
+        ),
         (b"\xff\xfe\n", "UTF-8"),
     ] {
         let reply = w.raw_request(bad);
         assert_eq!(reply["ok"], false, "{reply}");
         let err = reply["error"].as_str().unwrap();
-        assert!(err.contains(needle), "{:?} → {err}", String::from_utf8_lossy(bad));
+        assert!(
+            err.contains(needle),
+            "{:?} → {err}",
+            String::from_utf8_lossy(bad)
+        );
     }
     // Several requests on one connection, answered in order; a half-closed client still
     // gets its replies.
     let mut s = UnixStream::connect(w.socket()).unwrap();
-    s.write_all(b"{\"cmd\":\"tasks\"}\n{\"cmd\":\"status\"}\n").unwrap();
+    s.write_all(b"{\"cmd\":\"tasks\"}\n{\"cmd\":\"status\"}\n")
+        .unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut lines = BufReader::new(s).lines();
     let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -135,7 +188,10 @@ fn the_control_socket_is_private_and_a_second_daemon_refuses_to_start() {
     let out = w.run_cmd(&["run"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already running") && err.contains(&w.pid().to_string()), "{err}");
+    assert!(
+        err.contains("already running") && err.contains(&w.pid().to_string()),
+        "{err}"
+    );
     // The first one still owns its socket.
     assert_eq!(w.ctl_json(&["status"])["pid"], w.pid());
 }
@@ -158,7 +214,11 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_error() {
     assert_eq!(code, 1, "limit 1");
     w.write_config("[agent]\nmax_running = 0\n");
     w.signal(Signal::SIGHUP);
-    assert!(wait_until(T, || w.log().contains("old one stays in force")), "{}", w.log());
+    assert!(
+        wait_until(T, || w.log().contains("old one stays in force")),
+        "{}",
+        w.log()
+    );
     assert!(w.log().contains("max_running"));
     let (code, _, _) = w.ctl(&["start", "--name", "b", "@stall"]);
     assert_eq!(code, 1, "still limit 1");
@@ -177,11 +237,17 @@ fn status_reports_every_part() {
     assert_eq!(st["link"], "disabled");
     assert_eq!(st["audio"]["state"], "disabled");
     assert_eq!(st["button"]["state"], "disabled");
-    assert_eq!(st["tasks"], serde_json::json!({"running": 0, "finished": 0}));
+    assert_eq!(
+        st["tasks"],
+        serde_json::json!({"running": 0, "finished": 0})
+    );
     assert!(st["uptime_s"].is_u64());
     let (code, out, _) = w.ctl(&["status"]);
     assert_eq!(code, 0);
-    assert!(out.contains("link:") && out.contains("tasks:    0 running"), "{out}");
+    assert!(
+        out.contains("link:") && out.contains("tasks:    0 running"),
+        "{out}"
+    );
 }
 
 #[test]

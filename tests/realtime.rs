@@ -11,25 +11,38 @@ use std::process::Command;
 const T: Duration = Duration::from_secs(30);
 
 /// A walkie connected to a fresh fake server.
-fn connected(fake_args: &[&str], agent_extra: &str, realtime_extra: &str) -> (Walkie, FakeRealtime) {
+fn connected(
+    fake_args: &[&str],
+    agent_extra: &str,
+    realtime_extra: &str,
+) -> (Walkie, FakeRealtime) {
     let mut w = Walkie::new();
     let fake = FakeRealtime::start(w.dir.path(), fake_args);
     w.write_config(&w.realtime_config(&fake, agent_extra, realtime_extra));
-    w.extra_env.insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
+    w.extra_env
+        .insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
     w.start_with(&["--trace", w.path("trace.jsonl").to_str().unwrap()]);
     w.wait_connected();
     (w, fake)
 }
 
 fn types(events: &[(u64, Value)]) -> Vec<String> {
-    events.iter().map(|(_, e)| e["type"].as_str().unwrap_or("?").to_string()).collect()
+    events
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap_or("?").to_string())
+        .collect()
 }
 
 fn system_texts(fake: &FakeRealtime) -> Vec<String> {
     fake.events_of_type("conversation.item.create")
         .into_iter()
         .filter(|e| e["item"]["role"] == "system")
-        .map(|e| e["item"]["content"][0]["text"].as_str().unwrap_or("").to_string())
+        .map(|e| {
+            e["item"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect()
 }
 
@@ -38,18 +51,31 @@ fn a_typed_turn_starts_a_task_and_its_completion_is_announced_once_idle() {
     let (w, fake) = connected(&[], "", "");
     // session.update went out first, GA shape, with server VAD off.
     let events = fake.events();
-    assert_eq!(events[0].1["type"], "session.update", "{:?}", types(&events));
+    assert_eq!(
+        events[0].1["type"],
+        "session.update",
+        "{:?}",
+        types(&events)
+    );
     assert!(fake.state()["turn_detection_null"].as_bool().unwrap());
-    let (code, _, err) = w.ctl(&["say", "please start fixing the flaky test @sleep=2 @text=the_test_is_fixed"]);
+    let (code, _, err) = w.ctl(&[
+        "say",
+        "please start fixing the flaky test @sleep=2 @text=the_test_is_fixed",
+    ]);
     assert_eq!(code, 0, "{err}");
     // The model calls start_task; walkie answers with function_call_output while the agent
     // is still running, then exactly one response.create for that response.
     fake.wait_events(T, "a function_call_output", |ev| {
-        ev.iter().any(|(_, e)| e["type"] == "conversation.item.create" && e["item"]["type"] == "function_call_output")
+        ev.iter().any(|(_, e)| {
+            e["type"] == "conversation.item.create" && e["item"]["type"] == "function_call_output"
+        })
     });
     let tasks = w.tasks();
     assert_eq!(tasks.len(), 1);
-    assert_eq!(tasks[0]["state"], "running", "the output came before the agent finished");
+    assert_eq!(
+        tasks[0]["state"], "running",
+        "the output came before the agent finished"
+    );
     let output = fake
         .events_of_type("conversation.item.create")
         .into_iter()
@@ -59,13 +85,23 @@ fn a_typed_turn_starts_a_task_and_its_completion_is_announced_once_idle() {
     assert_eq!(out["status"], "started");
     let name = out["task"].as_str().unwrap().to_string();
     // Completion: a system message naming the task, then a response.create.
-    fake.wait_events(T, "the completion system message", |_| system_texts(&fake).iter().any(|t| t.contains(&name)));
-    let announcement = system_texts(&fake).into_iter().find(|t| t.contains(&name)).unwrap();
+    fake.wait_events(T, "the completion system message", |_| {
+        system_texts(&fake).iter().any(|t| t.contains(&name))
+    });
+    let announcement = system_texts(&fake)
+        .into_iter()
+        .find(|t| t.contains(&name))
+        .unwrap();
     assert!(announcement.starts_with("Task update"), "{announcement}");
     assert!(announcement.contains("the test is fixed"), "{announcement}");
     fake.wait_events(T, "the announcement's response.create", |ev| {
         let t = types(ev);
-        let sys = ev.iter().rposition(|(_, e)| e["type"] == "conversation.item.create" && e["item"]["role"] == "system").unwrap();
+        let sys = ev
+            .iter()
+            .rposition(|(_, e)| {
+                e["type"] == "conversation.item.create" && e["item"]["role"] == "system"
+            })
+            .unwrap();
         t[sys..].iter().any(|x| x == "response.create")
     });
     // One response.create per response: say → 1, after the tool output → 1, announcement → 1.
@@ -73,23 +109,40 @@ fn a_typed_turn_starts_a_task_and_its_completion_is_announced_once_idle() {
     let creates = fake.events_of_type("response.create").len();
     assert_eq!(creates, 3, "{:?}", types(&fake.events()));
     // The server never had to reject a second response.create.
-    assert!(!w.log().contains("conversation_already_has_active_response"), "{}", w.log());
+    assert!(
+        !w.log().contains("conversation_already_has_active_response"),
+        "{}",
+        w.log()
+    );
     // The transcript has the typed turn and the assistant's spoken answers.
     let transcript = w.ctl_json(&["transcript"]);
-    let roles: Vec<&str> = transcript.as_array().unwrap().iter().map(|e| e["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = transcript
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles.first(), Some(&"user"));
     assert!(roles.contains(&"assistant"), "{transcript}");
     assert!(w.log().contains(&format!("task {name} succeeded")));
     let kinds = check_trace_with_sdk(&w.path("trace.jsonl"));
-    for k in ["session.update", "conversation.item.create", "response.create"] {
-        assert!(kinds.iter().any(|x| x == k), "{k} not in the trace: {kinds:?}");
+    for k in [
+        "session.update",
+        "conversation.item.create",
+        "response.create",
+    ] {
+        assert!(
+            kinds.iter().any(|x| x == k),
+            "{k} not in the trace: {kinds:?}"
+        );
     }
 }
 
 #[test]
 fn the_sdk_check_catches_extra_keys_and_beta_shapes() {
     let dir = tempfile::tempdir().unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/sdk-check/check_trace.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/sdk-check/check_trace.py");
     for bad in [
         json!({"type": "response.create", "bogus": 1}),
         json!({"type": "session.update", "session": {"type": "realtime", "modalities": ["audio"]}}),
@@ -98,12 +151,31 @@ fn the_sdk_check_catches_extra_keys_and_beta_shapes() {
         json!({"type": "input_audio_buffer.append"}),
     ] {
         let trace = dir.path().join("t.jsonl");
-        std::fs::write(&trace, format!("{}\n", json!({"t_ms": 0, "dir": "out", "event": bad}))).unwrap();
-        let out = Command::new(sdk_python()).arg(&script).arg(&trace).output().unwrap();
-        assert!(!out.status.success(), "accepted {bad}: {}", String::from_utf8_lossy(&out.stdout));
+        std::fs::write(
+            &trace,
+            format!("{}\n", json!({"t_ms": 0, "dir": "out", "event": bad})),
+        )
+        .unwrap();
+        let out = Command::new(sdk_python())
+            .arg(&script)
+            .arg(&trace)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "accepted {bad}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     let trace = dir.path().join("good.jsonl");
-    std::fs::write(&trace, format!("{}\n", json!({"t_ms": 0, "dir": "out", "event": {"type": "response.create"}}))).unwrap();
+    std::fs::write(
+        &trace,
+        format!(
+            "{}\n",
+            json!({"t_ms": 0, "dir": "out", "event": {"type": "response.create"}})
+        ),
+    )
+    .unwrap();
     assert_eq!(check_trace_with_sdk(&trace), vec!["response.create"]);
 }
 
@@ -117,13 +189,23 @@ fn completions_wait_for_a_held_button_and_arrive_batched() {
     w.wait_finished(&b, T);
     // Held: nothing announced, however long it takes.
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(system_texts(&fake).is_empty(), "announced while the button was held: {:?}", system_texts(&fake));
+    assert!(
+        system_texts(&fake).is_empty(),
+        "announced while the button was held: {:?}",
+        system_texts(&fake)
+    );
     w.ctl(&["release"]);
     fake.wait_events(T, "the announcement", |_| !system_texts(&fake).is_empty());
     std::thread::sleep(Duration::from_millis(500));
     let texts = system_texts(&fake);
     assert_eq!(texts.len(), 1, "one batched system message: {texts:?}");
-    assert!(texts[0].contains("first") && texts[0].contains("second") && texts[0].contains("second done"), "{}", texts[0]);
+    assert!(
+        texts[0].contains("first")
+            && texts[0].contains("second")
+            && texts[0].contains("second done"),
+        "{}",
+        texts[0]
+    );
     // The short press was cleared, never committed; one response.create for the batch.
     assert!(fake.events_of_type("input_audio_buffer.commit").is_empty());
     assert!(!fake.events_of_type("input_audio_buffer.clear").is_empty());
@@ -133,10 +215,19 @@ fn completions_wait_for_a_held_button_and_arrive_batched() {
 
 #[test]
 fn a_completion_waits_for_the_active_response_to_end() {
-    let script = r#"{"default": {"say": "Let me tell you a long story about tests.", "audio_ms": 4000}}"#;
+    let script =
+        r#"{"default": {"say": "Let me tell you a long story about tests.", "audio_ms": 4000}}"#;
     let mut w = Walkie::new();
     std::fs::write(w.path("script.json"), script).unwrap();
-    let fake = FakeRealtime::start(w.dir.path(), &["--script", w.path("script.json").to_str().unwrap(), "--speed", "2"]);
+    let fake = FakeRealtime::start(
+        w.dir.path(),
+        &[
+            "--script",
+            w.path("script.json").to_str().unwrap(),
+            "--speed",
+            "2",
+        ],
+    );
     w.write_config(&w.realtime_config(&fake, "", ""));
     w.start_with(&["--trace", w.path("trace.jsonl").to_str().unwrap()]);
     w.wait_connected();
@@ -150,14 +241,27 @@ fn a_completion_waits_for_the_active_response_to_end() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let done = trace.iter().position(|l| l["dir"] == "in" && l["event"]["type"] == "response.done").expect("story done");
+    let done = trace
+        .iter()
+        .position(|l| l["dir"] == "in" && l["event"]["type"] == "response.done")
+        .expect("story done");
     let sys = trace
         .iter()
-        .position(|l| l["dir"] == "out" && l["event"]["type"] == "conversation.item.create" && l["event"]["item"]["role"] == "system")
+        .position(|l| {
+            l["dir"] == "out"
+                && l["event"]["type"] == "conversation.item.create"
+                && l["event"]["item"]["role"] == "system"
+        })
         .unwrap();
-    assert!(sys > done, "announced during the story (done at line {done}, system at {sys})");
+    assert!(
+        sys > done,
+        "announced during the story (done at line {done}, system at {sys})"
+    );
     let finished_at = trace[done]["t_ms"].as_u64().unwrap();
-    assert!(trace[sys]["t_ms"].as_u64().unwrap() >= finished_at + 1000, "no cooldown after the response");
+    assert!(
+        trace[sys]["t_ms"].as_u64().unwrap() >= finished_at + 1000,
+        "no cooldown after the response"
+    );
 }
 
 #[test]
@@ -165,25 +269,58 @@ fn a_dropped_link_reconnects_restores_context_and_delivers_the_completion() {
     let (w, fake) = connected(&[], "", "");
     let name = w.start_task(&["--name", "survivor", "@sleep=2 @text=made_it"]);
     w.ctl(&["say", "hello there"]);
-    fake.wait_events(T, "the say", |ev| ev.iter().any(|(_, e)| e["type"] == "response.create"));
+    fake.wait_events(T, "the say", |ev| {
+        ev.iter().any(|(_, e)| e["type"] == "response.create")
+    });
     assert!(wait_until(T, || fake.state()["active_response"].is_null()));
     assert_eq!(fake.control(json!({"cmd": "drop"}))["ok"], true);
     // A new connection: session.update again, then the restore message naming the task.
-    fake.wait_events(T, "a second session.update", |ev| ev.iter().any(|(c, e)| *c == 2 && e["type"] == "session.update"));
-    fake.wait_events(T, "the restore message", |ev| {
-        ev.iter().any(|(c, e)| *c == 2 && e["item"]["role"] == "system" && e["item"]["content"][0]["text"].as_str().unwrap_or("").contains("survivor"))
+    fake.wait_events(T, "a second session.update", |ev| {
+        ev.iter()
+            .any(|(c, e)| *c == 2 && e["type"] == "session.update")
     });
-    let second: Vec<Value> = fake.events().into_iter().filter(|(c, _)| *c == 2).map(|(_, e)| e).collect();
+    fake.wait_events(T, "the restore message", |ev| {
+        ev.iter().any(|(c, e)| {
+            *c == 2
+                && e["item"]["role"] == "system"
+                && e["item"]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("survivor")
+        })
+    });
+    let second: Vec<Value> = fake
+        .events()
+        .into_iter()
+        .filter(|(c, _)| *c == 2)
+        .map(|(_, e)| e)
+        .collect();
     assert_eq!(second[0]["type"], "session.update");
     let restore = second[1]["item"]["content"][0]["text"].as_str().unwrap();
     assert!(restore.starts_with("Context restored"), "{restore}");
     // The last turns come back as items: the user's as input_text, the assistant's as output_text.
-    assert!(second.iter().any(|e| e["item"]["role"] == "user" && e["item"]["content"][0]["text"] == "hello there"), "{second:#?}");
-    assert!(second.iter().any(|e| e["item"]["role"] == "assistant" && e["item"]["content"][0]["type"] == "output_text"), "{second:#?}");
+    assert!(
+        second.iter().any(
+            |e| e["item"]["role"] == "user" && e["item"]["content"][0]["text"] == "hello there"
+        ),
+        "{second:#?}"
+    );
+    assert!(
+        second.iter().any(|e| e["item"]["role"] == "assistant"
+            && e["item"]["content"][0]["type"] == "output_text"),
+        "{second:#?}"
+    );
     // The completion is delivered on the new connection.
     w.wait_finished(&name, T);
     fake.wait_events(T, "the completion on connection 2", |ev| {
-        ev.iter().any(|(c, e)| *c == 2 && e["item"]["role"] == "system" && e["item"]["content"][0]["text"].as_str().unwrap_or("").starts_with("Task update"))
+        ev.iter().any(|(c, e)| {
+            *c == 2
+                && e["item"]["role"] == "system"
+                && e["item"]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("Task update")
+        })
     });
     check_trace_with_sdk(&w.path("trace.jsonl"));
 }
@@ -195,17 +332,30 @@ fn a_completion_while_the_link_is_down_is_delivered_after_reconnect() {
     let name = w.start_task(&["--name", "offline", "@sleep=0.3"]);
     fake.control(json!({"cmd": "drop"}));
     w.wait_finished(&name, T);
-    fake.wait_events(Duration::from_secs(60), "the completion after reconnect", |_| {
-        system_texts(&fake).iter().any(|t| t.starts_with("Task update") && t.contains("offline"))
-    });
-    assert!(fake.state()["rejected_upgrades"].as_u64().unwrap() >= 3, "it retried through the 503s");
+    fake.wait_events(
+        Duration::from_secs(60),
+        "the completion after reconnect",
+        |_| {
+            system_texts(&fake)
+                .iter()
+                .any(|t| t.starts_with("Task update") && t.contains("offline"))
+        },
+    );
+    assert!(
+        fake.state()["rejected_upgrades"].as_u64().unwrap() >= 3,
+        "it retried through the 503s"
+    );
 }
 
 #[test]
 fn a_silent_socket_is_detected_and_replaced() {
     let (w, fake) = connected(&[], "", "ping_interval_ms = 300");
     assert_eq!(fake.control(json!({"cmd": "silence"}))["ok"], true);
-    assert!(wait_until(T, || fake.state()["connections"].as_u64() == Some(2)), "{}", w.log());
+    assert!(
+        wait_until(T, || fake.state()["connections"].as_u64() == Some(2)),
+        "{}",
+        w.log()
+    );
     w.wait_connected();
     assert!(w.log().contains("no data"), "{}", w.log());
 }
@@ -214,7 +364,10 @@ fn a_silent_socket_is_detected_and_replaced() {
 fn session_expired_reconnects() {
     let (w, fake) = connected(&[], "", "");
     assert_eq!(fake.control(json!({"cmd": "expire"}))["ok"], true);
-    fake.wait_events(T, "a new session", |ev| ev.iter().any(|(c, e)| *c == 2 && e["type"] == "session.update"));
+    fake.wait_events(T, "a new session", |ev| {
+        ev.iter()
+            .any(|(c, e)| *c == 2 && e["type"] == "session.update")
+    });
     w.wait_connected();
 }
 
@@ -222,7 +375,10 @@ fn session_expired_reconnects() {
 fn the_session_is_rotated_before_it_expires() {
     let (w, fake) = connected(&["--session-seconds", "8"], "", "");
     // Rotation happens while idle before expires_at (here within 8 s), with a fresh session.update.
-    fake.wait_events(Duration::from_secs(20), "a rotated session", |ev| ev.iter().any(|(c, e)| *c == 2 && e["type"] == "session.update"));
+    fake.wait_events(Duration::from_secs(20), "a rotated session", |ev| {
+        ev.iter()
+            .any(|(c, e)| *c == 2 && e["type"] == "session.update")
+    });
     let rotated = w.log();
     assert!(rotated.contains("session rotation"), "{rotated}");
 }
@@ -233,7 +389,10 @@ fn an_http_401_fails_the_link_without_a_retry_loop() {
     let fake = FakeRealtime::start(w.dir.path(), &[]);
     fake.control(json!({"cmd": "reject_upgrades", "status": 401, "count": 100}));
     w.write_config(&w.realtime_config(&fake, "", ""));
-    w.extra_env.insert("WALKIE_TEST_KEY".into(), "sk-test-must-not-be-logged-1234".into());
+    w.extra_env.insert(
+        "WALKIE_TEST_KEY".into(),
+        "sk-test-must-not-be-logged-1234".into(),
+    );
     w.start();
     let mut st = Value::Null;
     assert!(wait_until(T, || {
@@ -243,7 +402,10 @@ fn an_http_401_fails_the_link_without_a_retry_loop() {
     assert!(st["link_error"].as_str().unwrap().contains("401"), "{st}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(fake.state()["rejected_upgrades"], 1, "no retry after a 401");
-    assert!(!w.log().contains("sk-test-must-not-be-logged"), "the key was logged");
+    assert!(
+        !w.log().contains("sk-test-must-not-be-logged"),
+        "the key was logged"
+    );
     let (code, _, err) = w.ctl(&["say", "hello"]);
     assert_eq!(code, 1);
     assert!(err.contains("not connected"), "{err}");
@@ -272,11 +434,15 @@ fn unknown_and_malformed_server_events_leave_the_link_up() {
     let (w, fake) = connected(&[], "", "");
     assert_eq!(fake.control(json!({"cmd": "unknown"}))["ok"], true);
     assert_eq!(fake.control(json!({"cmd": "malformed"}))["ok"], true);
-    fake.control(json!({"cmd": "send", "event": {"type": "response.output_audio.delta", "delta": 42}}));
+    fake.control(
+        json!({"cmd": "send", "event": {"type": "response.output_audio.delta", "delta": 42}}),
+    );
     fake.control(json!({"cmd": "send", "event": {"type": "session.created"}}));
     let (code, _, err) = w.ctl(&["say", "are you still there"]);
     assert_eq!(code, 0, "{err}");
-    fake.wait_events(T, "the say after garbage", |ev| ev.iter().any(|(_, e)| e["type"] == "response.create"));
+    fake.wait_events(T, "the say after garbage", |ev| {
+        ev.iter().any(|(_, e)| e["type"] == "response.create")
+    });
     assert_eq!(fake.state()["connections"], 1);
     assert_eq!(w.ctl_json(&["status"])["link"], "connected");
     assert!(w.log().contains("skipping server frame"), "{}", w.log());
@@ -287,24 +453,37 @@ fn wss_with_a_private_ca() {
     let mut w = Walkie::new();
     let fake = FakeRealtime::start_opts(w.dir.path(), true, &["--api-key", "sk-test-tls"]);
     w.write_config(&w.realtime_config(&fake, "", ""));
-    w.extra_env.insert("WALKIE_TEST_KEY".into(), "sk-test-tls".into());
+    w.extra_env
+        .insert("WALKIE_TEST_KEY".into(), "sk-test-tls".into());
     w.start();
     w.wait_connected();
     assert!(fake.url.starts_with("wss://"));
     w.ctl(&["say", "hello over tls"]);
-    fake.wait_events(T, "the say", |ev| ev.iter().any(|(_, e)| e["type"] == "response.create"));
+    fake.wait_events(T, "the say", |ev| {
+        ev.iter().any(|(_, e)| e["type"] == "response.create")
+    });
 }
 
 #[test]
 fn the_transcript_survives_a_restart_and_is_restored_to_the_model() {
     let (mut w, fake) = connected(&[], "", "");
     w.ctl(&["say", "remember the blue door"]);
-    fake.wait_events(T, "the response", |ev| ev.iter().any(|(_, e)| e["type"] == "response.create"));
-    assert!(wait_until(T, || w.ctl_json(&["transcript"]).as_array().unwrap().len() >= 2));
+    fake.wait_events(T, "the response", |ev| {
+        ev.iter().any(|(_, e)| e["type"] == "response.create")
+    });
+    assert!(wait_until(T, || w
+        .ctl_json(&["transcript"])
+        .as_array()
+        .unwrap()
+        .len()
+        >= 2));
     w.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(w.wait_exit(T), Some(0));
     let state = w.state_json();
-    assert_eq!(state["transcript"][0]["text"], "remember the blue door", "{state}");
+    assert_eq!(
+        state["transcript"][0]["text"], "remember the blue door",
+        "{state}"
+    );
     w.start();
     w.wait_connected();
     let t = w.ctl_json(&["transcript"]);
@@ -313,6 +492,10 @@ fn the_transcript_survives_a_restart_and_is_restored_to_the_model() {
     assert!(out.contains("user: remember the blue door"), "{out}");
     // The new session gets the old turns back.
     fake.wait_events(T, "the restored turn", |ev| {
-        ev.iter().any(|(c, e)| *c == 2 && e["item"]["role"] == "user" && e["item"]["content"][0]["text"] == "remember the blue door")
+        ev.iter().any(|(c, e)| {
+            *c == 2
+                && e["item"]["role"] == "user"
+                && e["item"]["content"][0]["text"] == "remember the blue door"
+        })
     });
 }

@@ -418,12 +418,19 @@ impl FakeRealtime {
         if tls {
             cmd.arg("--tls").arg("--cert-out").arg(&cert);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         let mut reader = BufReader::new(child.stdout.take().unwrap());
         let (mut url, mut control_port) = (String::new(), 0);
         while url.is_empty() {
             let mut line = String::new();
-            assert!(reader.read_line(&mut line).unwrap() > 0, "fake-realtime exited before listening");
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "fake-realtime exited before listening"
+            );
             if let Some(c) = line.trim().strip_prefix("control ") {
                 control_port = c.rsplit(':').next().unwrap().parse().unwrap();
             } else if let Some(u) = line.trim().strip_prefix("listening ") {
@@ -435,7 +442,13 @@ impl FakeRealtime {
             let mut sink = String::new();
             let _ = reader.read_to_string(&mut sink);
         });
-        FakeRealtime { child, url, control_port, record, cert: tls.then_some(cert) }
+        FakeRealtime {
+            child,
+            url,
+            control_port,
+            record,
+            cert: tls.then_some(cert),
+        }
     }
 
     /// Sends one control command; returns the reply.
@@ -470,17 +483,32 @@ impl FakeRealtime {
     }
 
     pub fn events_of_type(&self, kind: &str) -> Vec<Value> {
-        self.events().into_iter().map(|(_, e)| e).filter(|e| e["type"] == kind).collect()
+        self.events()
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| e["type"] == kind)
+            .collect()
     }
 
     /// Waits until `pred` holds for the received events.
-    pub fn wait_events(&self, timeout: Duration, what: &str, mut pred: impl FnMut(&[(u64, Value)]) -> bool) {
+    pub fn wait_events(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut pred: impl FnMut(&[(u64, Value)]) -> bool,
+    ) {
         let mut last = Vec::new();
         let ok = wait_until(timeout, || {
             last = self.events();
             pred(&last)
         });
-        assert!(ok, "fake-realtime never saw {what}; received: {:#?}", last.iter().map(|(c, e)| (c, e["type"].clone())).collect::<Vec<_>>());
+        assert!(
+            ok,
+            "fake-realtime never saw {what}; received: {:#?}",
+            last.iter()
+                .map(|(c, e)| (c, e["type"].clone()))
+                .collect::<Vec<_>>()
+        );
     }
 }
 
@@ -493,8 +521,17 @@ impl Drop for FakeRealtime {
 
 impl Walkie {
     /// The test configuration pointed at a fake Realtime server.
-    pub fn realtime_config(&self, fake: &FakeRealtime, agent_extra: &str, realtime_extra: &str) -> String {
-        let ca = fake.cert.as_ref().map(|c| format!("ca_file = \"{}\"\n", c.display())).unwrap_or_default();
+    pub fn realtime_config(
+        &self,
+        fake: &FakeRealtime,
+        agent_extra: &str,
+        realtime_extra: &str,
+    ) -> String {
+        let ca = fake
+            .cert
+            .as_ref()
+            .map(|c| format!("ca_file = \"{}\"\n", c.display()))
+            .unwrap_or_default();
         self.default_config(agent_extra).replace(
             "[realtime]\nurl = \"none\"\n",
             &format!("[realtime]\nurl = \"{}\"\napi_key_env = \"WALKIE_TEST_KEY\"\n{ca}{realtime_extra}\n", fake.url),
@@ -517,7 +554,11 @@ pub fn sdk_python() -> PathBuf {
     let p = std::env::var_os("WALKIE_SDK_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(p.exists(), "{} not found: run `make sdk-venv` (or `make test`), or set WALKIE_SDK_PYTHON", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `make sdk-venv` (or `make test`), or set WALKIE_SDK_PYTHON",
+        p.display()
+    );
     p
 }
 
@@ -525,9 +566,19 @@ pub fn sdk_python() -> PathBuf {
 /// types it checked.
 pub fn check_trace_with_sdk(trace: &Path) -> Vec<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/sdk-check/check_trace.py");
-    let out = Command::new(sdk_python()).arg(script).arg(trace).output().unwrap();
+    let out = Command::new(sdk_python())
+        .arg(script)
+        .arg(trace)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "SDK check failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "SDK check failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = text.lines().last().unwrap_or("");
-    last.split_once(": ").map(|(_, k)| k.split(',').map(str::to_string).collect()).unwrap_or_default()
+    last.split_once(": ")
+        .map(|(_, k)| k.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
 }
