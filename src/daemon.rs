@@ -137,6 +137,10 @@ impl Daemon {
                 StateFile::default()
             }
         };
+        // Off the loop's start-up path: ready stays fast, the first tool call stays fast.
+        let _ = std::thread::Builder::new()
+            .name("walkie-warm-up".into())
+            .spawn(crate::tasks::redact::warm_up);
         let now = Instant::now();
         let engine = TaskEngine::new(engine_settings(&config, &paths), saved.tasks, now);
         let mut conv = Conversation::new(conversation_settings(&config));

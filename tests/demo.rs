@@ -1,0 +1,46 @@
+//! `make demo` (tools/demo.sh) runs the whole voice loop on the local stand-ins.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_demo_runs_the_voice_loop_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_walkie")).parent().unwrap();
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/demo.sh"))
+        .env("WALKIE_BIN_DIR", bin_dir)
+        .env("WALKIE_DEMO_DIR", dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The spoken request started the task through the model's function call...
+    assert!(text.contains("start_task("), "{text}");
+    assert!(
+        text.contains(
+            "function_call_output {\"status\":\"started\",\"task\":\"flaky-login-test\"}"
+        ),
+        "{text}"
+    );
+    // ...the task finished and the completion was announced as a system message.
+    assert!(
+        text.contains("flaky-login-test         succeeded"),
+        "{text}"
+    );
+    assert!(text.contains("system: Task update"), "{text}");
+    assert!(
+        text.contains("assistant: Your task flaky login test has finished"),
+        "{text}"
+    );
+    // Everything said landed in the output WAV: several seconds of sound.
+    let wav = std::fs::read(dir.path().join("walkie-output.wav")).unwrap();
+    let loud = wav[44..]
+        .chunks_exact(2)
+        .filter(|c| i16::from_le_bytes([c[0], c[1]]).abs() > 500)
+        .count();
+    assert!(loud > 24_000 * 3, "only {loud} loud samples in the output");
+}
