@@ -320,7 +320,8 @@ fn a_flooding_agent_does_not_starve_the_control_socket_or_grow_memory() {
     while w.task(&name)["state"] == "running" {
         let t0 = std::time::Instant::now();
         let st = w.ctl_json(&["status"]);
-        assert_eq!(st["tasks"]["running"], 1);
+        // (0 once the flood has just ended between the two requests.)
+        assert!(st["tasks"]["running"].as_u64().unwrap() <= 1, "{st}");
         // Generous: this is about starvation (seconds), not speed (rt-bench measures that).
         assert!(
             t0.elapsed() < Duration::from_secs(5),
