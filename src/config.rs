@@ -688,7 +688,7 @@ impl Config {
             flaw(
                 &["button.key"],
                 format!(
-                    "button.key: must be a KEY_*/BTN_* name or a key code 0..767 (got {:?})",
+                    "button.key: must be a KEY_*/BTN_* name (linux/input-event-codes.h) or a key code 1..767 (got {:?})",
                     button.key
                 ),
             );
@@ -864,20 +864,10 @@ fn is_project_name(name: &str) -> bool {
         && chars.all(|c| lower_or_digit(c) || c == '_' || c == '-')
 }
 
-/// A decimal code 0..=767 (KEY_MAX) or `^(KEY|BTN)_[A-Z0-9_]+$`; whether the name exists
-/// is for the button module's table to say.
+/// A key the button module knows: a `KEY_*`/`BTN_*` name of linux/input-event-codes.h or a
+/// decimal code 1..=767.
 fn is_key_spec(key: &str) -> bool {
-    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()) {
-        return key.parse::<u32>().is_ok_and(|code| code <= 767);
-    }
-    key.strip_prefix("KEY_")
-        .or_else(|| key.strip_prefix("BTN_"))
-        .is_some_and(|rest| {
-            !rest.is_empty()
-                && rest
-                    .chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
-        })
+    crate::button::keycodes::parse_key(key).is_some()
 }
 
 /// RFC 3986 percent-encoding of everything but unreserved characters.
@@ -1663,20 +1653,29 @@ mod tests {
             2,
             "button.device: must not be empty",
         );
-        for ok in ["KEY_F13", "BTN_LEFT", "KEY_102ND", "0", "767", "183"] {
+        for ok in ["KEY_F13", "BTN_LEFT", "KEY_102ND", "1", "767", "183"] {
             assert!(
                 parse(&format!("button.key = {ok:?}\n")).is_ok(),
                 "{ok} refused"
             );
         }
         for bad in [
-            "768", "-1", "f13", "KEY_", "KEY_f13", "F13", "", "KEY F13", "BUTTON_A",
+            "768",
+            "-1",
+            "0",
+            "f13",
+            "KEY_",
+            "F13",
+            "",
+            "KEY F13",
+            "BUTTON_A",
+            "KEY_NOSUCH",
         ] {
             assert_error(
                 &format!("[button]\nkey = {bad:?}\n"),
                 2,
                 &format!(
-                    "button.key: must be a KEY_*/BTN_* name or a key code 0..767 (got {bad:?})"
+                    "button.key: must be a KEY_*/BTN_* name (linux/input-event-codes.h) or a key code 1..767 (got {bad:?})"
                 ),
             );
         }

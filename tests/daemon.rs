@@ -259,3 +259,63 @@ fn sigint_shuts_down_cleanly_too() {
     assert_eq!(w.wait_exit(T), Some(0));
     assert_eq!(w.state_json()["tasks"][0]["state"], "interrupted");
 }
+
+#[test]
+fn devices_lists_alsa_pcms_and_input_devices() {
+    let mut w = Walkie::new();
+    let dir = w.dir.path().to_path_buf();
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/alsa/walkie-test.conf"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("asound.conf"),
+        template.replace("@DIR@", dir.to_str().unwrap()),
+    )
+    .unwrap();
+    w.extra_env.insert(
+        "ALSA_CONFIG_PATH".into(),
+        format!(
+            "/usr/share/alsa/alsa.conf:{}",
+            dir.join("asound.conf").display()
+        ),
+    );
+    let out = w.run_cmd(&["devices"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("ALSA PCMs:")
+            && text.contains("walkie_capture")
+            && text.contains("walkie_speaker"),
+        "{text}"
+    );
+    assert!(text.contains("input devices:"), "{text}");
+}
+
+#[test]
+fn doctor_checks_the_setup_one_line_each() {
+    let w = Walkie::new();
+    let out = w.run_cmd(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("ok   configuration") && text.contains("ok   agent command"),
+        "{text}"
+    );
+    assert!(text.contains("daemon: not running"), "{text}");
+    w.write_config(
+        &w.default_config("")
+            .replace(FAKE_AGENT, "no-such-agent-program"),
+    );
+    let out = w.run_cmd(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL agent command: no-such-agent-program is not on PATH"),
+        "{text}"
+    );
+    w.write_config("[audio]\nperiod_ms = 0\n");
+    let out = w.run_cmd(&["doctor"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL configuration"));
+}

@@ -32,10 +32,17 @@ fn the_demo_runs_the_voice_loop_end_to_end() {
         "{text}"
     );
     assert!(text.contains("system: Task update"), "{text}");
+    assert!(text.contains("assistant: Task update:"), "{text}");
+    // The typed turn started a second task, also announced.
     assert!(
-        text.contains("assistant: Your task flaky login test has finished"),
+        text.contains("changelog                succeeded"),
         "{text}"
     );
+    assert!(
+        text.contains("user: Also start a task to update the changelog."),
+        "{text}"
+    );
+    assert_eq!(text.matches("system: Task update").count(), 2, "{text}");
     // Everything said landed in the output WAV: several seconds of sound.
     let wav = std::fs::read(dir.path().join("walkie-output.wav")).unwrap();
     let loud = wav[44..]

@@ -272,7 +272,10 @@ fn a_dropped_link_reconnects_restores_context_and_delivers_the_completion() {
     fake.wait_events(T, "the say", |ev| {
         ev.iter().any(|(_, e)| e["type"] == "response.create")
     });
-    assert!(wait_until(T, || w.ctl_json(&["transcript"]).to_string().contains("\"assistant\"")));
+    assert!(wait_until(T, || w
+        .ctl_json(&["transcript"])
+        .to_string()
+        .contains("\"assistant\"")));
     assert_eq!(fake.control(json!({"cmd": "drop"}))["ok"], true);
     // A new connection: session.update again, then the restore message naming the task.
     fake.wait_events(T, "a second session.update", |ev| {
@@ -290,7 +293,8 @@ fn a_dropped_link_reconnects_restores_context_and_delivers_the_completion() {
         })
     });
     fake.wait_events(T, "the restored assistant turn", |ev| {
-        ev.iter().any(|(c, e)| *c == 2 && e["item"]["role"] == "assistant")
+        ev.iter()
+            .any(|(c, e)| *c == 2 && e["item"]["role"] == "assistant")
     });
     let second: Vec<Value> = fake
         .events()

@@ -57,8 +57,16 @@ echo "button released"
 
 say "waiting for the task to finish and the announcement"
 i=0
-until "$BIN/walkie" ctl tasks --json | grep -q '"state": "succeeded"' || [ $i -gt 200 ]; do sleep 0.1; i=$((i+1)); done
-sleep 5
+until "$BIN/walkie" ctl transcript | grep -q 'assistant: Task update' || [ $i -gt 300 ]; do sleep 0.1; i=$((i+1)); done
+sleep 3
+
+say "a typed turn: walkie ctl say \"Also start a task to update the changelog.\""
+"$BIN/walkie" ctl say "Also start a task to update the changelog."
+i=0
+until "$BIN/walkie" ctl tasks --json | grep -q '"name": "changelog"' || [ $i -gt 100 ]; do sleep 0.1; i=$((i+1)); done
+i=0
+until [ "$("$BIN/walkie" ctl transcript | grep -c 'assistant: Task update')" -ge 2 ] || [ $i -gt 300 ]; do sleep 0.1; i=$((i+1)); done
+sleep 3
 
 say "walkie ctl status"
 "$BIN/walkie" ctl status
