@@ -737,11 +737,16 @@ impl Daemon {
     }
 }
 
+/// The audio threads never log; the loop says what they reported.
 fn log_audio(reports: Vec<AudioReport>) {
     for r in reports {
         match r {
             AudioReport::Warning(w) => log::warn!("audio: {w}"),
-            other => log::info!("audio: {other:?}"),
+            AudioReport::DeviceOpened { which, name } => log::info!("audio: {which} device {name} open"),
+            AudioReport::DeviceFailed { which, error } => {
+                log::warn!("audio: {which} device failed: {error} (walkie keeps running and retries)")
+            }
+            AudioReport::Xrun { which } => log::debug!("audio: {which} xrun, recovered"),
         }
     }
 }
