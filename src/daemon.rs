@@ -742,9 +742,13 @@ fn log_audio(reports: Vec<AudioReport>) {
     for r in reports {
         match r {
             AudioReport::Warning(w) => log::warn!("audio: {w}"),
-            AudioReport::DeviceOpened { which, name } => log::info!("audio: {which} device {name} open"),
+            AudioReport::DeviceOpened { which, name } => {
+                log::info!("audio: {which} device {name} open")
+            }
             AudioReport::DeviceFailed { which, error } => {
-                log::warn!("audio: {which} device failed: {error} (walkie keeps running and retries)")
+                log::warn!(
+                    "audio: {which} device failed: {error} (walkie keeps running and retries)"
+                )
             }
             AudioReport::Xrun { which } => log::debug!("audio: {which} xrun, recovered"),
         }

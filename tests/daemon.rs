@@ -263,23 +263,7 @@ fn sigint_shuts_down_cleanly_too() {
 #[test]
 fn devices_lists_alsa_pcms_and_input_devices() {
     let mut w = Walkie::new();
-    let dir = w.dir.path().to_path_buf();
-    let template = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/alsa/walkie-test.conf"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("asound.conf"),
-        template.replace("@DIR@", dir.to_str().unwrap()),
-    )
-    .unwrap();
-    w.extra_env.insert(
-        "ALSA_CONFIG_PATH".into(),
-        format!(
-            "/usr/share/alsa/alsa.conf:{}",
-            dir.join("asound.conf").display()
-        ),
-    );
+    w.use_test_alsa();
     let out = w.run_cmd(&["devices"]);
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);

@@ -114,22 +114,7 @@ fn rig(reply_frames: usize, earcons: bool, fake_args: &[&str], audio_extra: &str
         .flat_map(|n| mic_sample(n).to_le_bytes())
         .collect();
     std::fs::write(dir.join("input.raw"), input).unwrap();
-    let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/alsa/walkie-test.conf"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("asound.conf"),
-        template.replace("@DIR@", dir.to_str().unwrap()),
-    )
-    .unwrap();
-    w.extra_env.insert(
-        "ALSA_CONFIG_PATH".into(),
-        format!(
-            "/usr/share/alsa/alsa.conf:{}",
-            dir.join("asound.conf").display()
-        ),
-    );
+    w.use_test_alsa();
     write_wav(&dir.join("reply.wav"), &speech(reply_frames));
     let script = json!({
         "default": {"say": "Here is my answer.", "wav": "reply.wav"},
@@ -464,23 +449,7 @@ fn the_button_fifo_closing_and_reappearing_is_reopened() {
 #[test]
 fn a_capture_device_that_fails_leaves_everything_else_working() {
     let mut w = Walkie::new();
-    let dir = w.dir.path().to_path_buf();
-    let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/alsa/walkie-test.conf"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("asound.conf"),
-        template.replace("@DIR@", dir.to_str().unwrap()),
-    )
-    .unwrap();
-    w.extra_env.insert(
-        "ALSA_CONFIG_PATH".into(),
-        format!(
-            "/usr/share/alsa/alsa.conf:{}",
-            dir.join("asound.conf").display()
-        ),
-    );
+    w.use_test_alsa();
     w.write_config(&w.default_config("").replace(
         "[audio]\nbackend = \"none\"\n",
         "[audio]\nbackend = \"alsa\"\ncapture_device = \"walkie_missing\"\nplayback_device = \"walkie_speaker\"\n",

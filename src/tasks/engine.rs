@@ -293,13 +293,7 @@ impl TaskEngine {
         name: Option<&str>,
         project: Option<&str>,
     ) -> Result<String, TaskError> {
-        if self.shutting_down {
-            return Err(TaskError::ShuttingDown);
-        }
-        let prompt = prompt.trim();
-        if prompt.is_empty() {
-            return Err(TaskError::EmptyPrompt);
-        }
+        let prompt = self.accept_prompt(prompt)?;
         self.check_limit()?;
         let project = project.map(str::trim).filter(|p| !p.is_empty());
         let project_dir = match project {
@@ -354,13 +348,7 @@ impl TaskEngine {
         reference: &str,
         prompt: &str,
     ) -> Result<String, TaskError> {
-        if self.shutting_down {
-            return Err(TaskError::ShuttingDown);
-        }
-        let prompt = prompt.trim();
-        if prompt.is_empty() {
-            return Err(TaskError::EmptyPrompt);
-        }
+        let prompt = self.accept_prompt(prompt)?;
         let mut record = self.resolve(reference)?.clone();
         if record.state.is_running() {
             return Err(TaskError::StillRunning(record.name));
@@ -551,6 +539,16 @@ impl TaskEngine {
     }
 
     // ---- internals ----
+
+    /// The trimmed prompt of a new run, unless walkie is stopping or the prompt is empty.
+    fn accept_prompt<'p>(&self, prompt: &'p str) -> Result<&'p str, TaskError> {
+        if self.shutting_down {
+            return Err(TaskError::ShuttingDown);
+        }
+        Some(prompt.trim())
+            .filter(|p| !p.is_empty())
+            .ok_or(TaskError::EmptyPrompt)
+    }
 
     fn check_limit(&self) -> Result<(), TaskError> {
         let running: Vec<String> = self

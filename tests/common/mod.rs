@@ -155,6 +155,28 @@ cancel_grace_ms = 1000
         )
     }
 
+    /// Points this walkie's ALSA at tools/alsa/walkie-test.conf with its files in the home
+    /// directory (`input.raw` is the microphone, `speaker*.raw` the speakers).
+    pub fn use_test_alsa(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/alsa/walkie-test.conf"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("asound.conf"),
+            template.replace("@DIR@", dir.to_str().unwrap()),
+        )
+        .unwrap();
+        self.extra_env.insert(
+            "ALSA_CONFIG_PATH".into(),
+            format!(
+                "/usr/share/alsa/alsa.conf:{}",
+                dir.join("asound.conf").display()
+            ),
+        );
+    }
+
     pub fn write_config(&self, text: &str) {
         std::fs::write(self.config_path(), text).unwrap();
     }
