@@ -174,6 +174,22 @@ fn cancel_reaches_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
     let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
     assert!(alive(grandchild) && alive(agent));
+    // The agent leads its own process group; the grandchild escaped into its own session.
+    let stat = |pid: i32| {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<i32> = s
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (f[1], f[2]) // (pgid, sid)
+    };
+    assert_eq!(stat(agent).0, agent);
+    assert_eq!(stat(grandchild).1, grandchild);
     let (code, out, err) = w.ctl(&["cancel", "stubborn"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cancelling stubborn"));
@@ -540,4 +556,20 @@ fn events_stream_shows_completions() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("evented started"), "{text}");
     assert!(text.contains("evented succeeded: it worked"), "{text}");
+}
+
+#[test]
+fn an_agent_dies_with_walkie_through_its_parent_death_signal() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "loyal", "@stall"]);
+    assert!(wait_until(T, || w.task(&name)["session_id"].is_string()));
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(T);
+    // No restart needed: PR_SET_PDEATHSIG delivered SIGTERM when walkie died.
+    assert!(
+        wait_until(Duration::from_secs(5), || !alive(agent)),
+        "agent {agent} outlived walkie"
+    );
 }
