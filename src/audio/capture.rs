@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use alsa::Direction;
 use rtrb::Producer;
 
-use super::device::{AlsaDevice, CaptureDevice, Recovery, WavSource, open_alsa, recover};
+use super::device::{AlsaDevice, CaptureDevice, WavSource, open_alsa};
 use super::pacer::Pacer;
 use super::worker::{Exit, MAX_LATE_NS, ThreadCtx, frames_ns, gone_message};
 use crate::sys::sched;
@@ -115,41 +115,29 @@ impl CaptureWorker {
             let now = shared.now_ns();
             let avail = match dev.avail() {
                 Ok(n) => n,
-                Err(errno) => match recover(dev, errno, &shared.capture) {
-                    Recovery::Recovered => {
-                        pacer.restart(now);
-                        continue;
-                    }
-                    Recovery::Later => {
-                        self.ctx.sleep_until(now + frames_ns(period));
-                        continue;
-                    }
-                    Recovery::Gone(errno) => return Exit::Gone(errno),
+                Err(errno) => match self
+                    .ctx
+                    .recover_or_wait(dev, errno, &mut pacer, now, period)
+                {
+                    Ok(()) => continue,
+                    Err(errno) => return Exit::Gone(errno),
                 },
             };
-            if avail < period {
-                clocked = true;
-                let wait = frames_ns(period - avail).clamp(1_000_000, frames_ns(period));
-                self.ctx.sleep_until(now + wait);
-                continue;
-            }
-            if !clocked && !pacer.is_due(now) {
-                self.ctx.sleep_until(pacer.due_ns_u64());
+            if self
+                .ctx
+                .wait_for_period(avail, period, &mut clocked, &mut pacer, now)
+            {
                 continue;
             }
             buf.fill(0);
             let n = match dev.read(buf) {
                 Ok(n) => n.min(period),
-                Err(errno) => match recover(dev, errno, &shared.capture) {
-                    Recovery::Recovered => {
-                        pacer.restart(now);
-                        continue;
-                    }
-                    Recovery::Later => {
-                        self.ctx.sleep_until(now + frames_ns(period));
-                        continue;
-                    }
-                    Recovery::Gone(errno) => return Exit::Gone(errno),
+                Err(errno) => match self
+                    .ctx
+                    .recover_or_wait(dev, errno, &mut pacer, now, period)
+                {
+                    Ok(()) => continue,
+                    Err(errno) => return Exit::Gone(errno),
                 },
             };
             if n == 0 {

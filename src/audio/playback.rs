@@ -194,26 +194,18 @@ impl PlaybackWorker {
             if pending.is_empty() {
                 let avail = match dev.avail() {
                     Ok(n) => n,
-                    Err(errno) => match recover(dev, errno, &shared.playback) {
-                        Recovery::Recovered => {
-                            pacer.restart(now);
-                            continue;
-                        }
-                        Recovery::Later => {
-                            self.ctx.sleep_until(now + frames_ns(period));
-                            continue;
-                        }
-                        Recovery::Gone(errno) => return Exit::Gone(errno),
+                    Err(errno) => match self
+                        .ctx
+                        .recover_or_wait(dev, errno, &mut pacer, now, period)
+                    {
+                        Ok(()) => continue,
+                        Err(errno) => return Exit::Gone(errno),
                     },
                 };
-                if avail < period {
-                    clocked = true;
-                    let wait = frames_ns(period - avail).clamp(1_000_000, frames_ns(period));
-                    self.ctx.sleep_until(now + wait);
-                    continue;
-                }
-                if !clocked && !pacer.is_due(now) {
-                    self.ctx.sleep_until(pacer.due_ns_u64());
+                if self
+                    .ctx
+                    .wait_for_period(avail, period, &mut clocked, &mut pacer, now)
+                {
                     continue;
                 }
                 let latency = if clocked {

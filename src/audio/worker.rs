@@ -10,7 +10,8 @@ use std::time::Duration;
 use mio::Waker;
 use rtrb::Producer;
 
-use super::device::Errno;
+use super::device::{Device, Errno, Recovery, recover};
+use super::pacer::Pacer;
 use super::shared::{DeviceCell, Shared};
 use super::{AudioReport, Which};
 use crate::sys::sched;
@@ -103,6 +104,50 @@ impl ThreadCtx {
         if deadline_ns > now {
             std::thread::park_timeout(Duration::from_nanos(deadline_ns - now));
         }
+    }
+
+    /// After a device error in the period loop: recovery per error code. `Err` when the
+    /// device is gone (the caller closes it); `Ok` when the loop just goes round again,
+    /// after restarting the timeline or waiting a period.
+    pub fn recover_or_wait<D: Device + ?Sized>(
+        &self,
+        dev: &mut D,
+        errno: Errno,
+        pacer: &mut Pacer,
+        now: u64,
+        period: usize,
+    ) -> Result<(), Errno> {
+        match recover(dev, errno, self.cell()) {
+            Recovery::Recovered => pacer.restart(now),
+            Recovery::Later => self.sleep_until(now + frames_ns(period)),
+            Recovery::Gone(errno) => return Err(errno),
+        }
+        Ok(())
+    }
+
+    /// Sleeps when neither the device (`avail`, its clock) nor the pacer (walkie's clock,
+    /// for clockless plugin PCMs) is ready for another period; true when it slept and the
+    /// caller goes round again. A device that ever had less than a period available has a
+    /// clock of its own, and from then on paces the thread.
+    pub fn wait_for_period(
+        &self,
+        avail: usize,
+        period: usize,
+        clocked: &mut bool,
+        pacer: &mut Pacer,
+        now: u64,
+    ) -> bool {
+        if avail < period {
+            *clocked = true;
+            let wait = frames_ns(period - avail).clamp(1_000_000, frames_ns(period));
+            self.sleep_until(now + wait);
+            return true;
+        }
+        if !*clocked && !pacer.is_due(now) {
+            self.sleep_until(pacer.due_ns_u64());
+            return true;
+        }
+        false
     }
 
     /// The device opened: report it and reset the backoff.
