@@ -30,6 +30,8 @@ use crate::tools::{self, ToolContext};
 
 /// Extra time after the agents' cancel grace before shutdown stops waiting for them.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
+/// After the SIGKILL at the shutdown deadline, how long to wait for the exits.
+const FORCE_KILL_WAIT: Duration = Duration::from_secs(1);
 /// How often playback is looked at while speech plays (the conversation needs to know when
 /// it drained; the playback thread does not wake the loop for that).
 const PLAYBACK_POLL: Duration = Duration::from_millis(50);
@@ -94,6 +96,8 @@ struct Daemon {
     paths: Paths,
     started: Instant,
     shutdown_deadline: Option<Instant>,
+    /// Shutdown gave up waiting and sent SIGKILL.
+    force_killed: bool,
     state_dirty: bool,
     capturing: bool,
     samples: Vec<i16>,
@@ -181,6 +185,7 @@ impl Daemon {
             paths,
             started,
             shutdown_deadline: None,
+            force_killed: false,
             state_dirty: true,
             capturing: false,
             samples: Vec::with_capacity(24_000),
@@ -714,14 +719,23 @@ impl Daemon {
         if self.engine.is_idle() {
             return true;
         }
-        if now >= deadline {
+        if now < deadline {
+            return false;
+        }
+        if !self.force_killed {
+            // SIGKILL everything; their exits come back through SIGCHLD like any other,
+            // within a last short deadline (a timer, not a sleep).
             log::error!("shutdown: tasks did not stop in time; killing what is left");
             self.engine.kill_everything();
-            std::thread::sleep(Duration::from_millis(50));
-            self.engine.reap(self.reactor.registry(), now);
-            return true;
+            self.force_killed = true;
+            self.shutdown_deadline = Some(now + FORCE_KILL_WAIT);
+            return false;
         }
-        false
+        log::error!(
+            "shutdown: {} task(s) still not gone after SIGKILL; the next start stops their leftovers",
+            self.engine.running_count()
+        );
+        true
     }
 
     fn finish_shutdown(&mut self) {

@@ -33,6 +33,12 @@ fn the_demo_runs_the_voice_loop_end_to_end() {
     );
     assert!(text.contains("system: Task update"), "{text}");
     assert!(text.contains("assistant: Task update:"), "{text}");
+    // `walkie ctl events` showed both completions as they happened.
+    assert!(
+        text.contains("event  | flaky-login-test succeeded: The login test is fixed"),
+        "{text}"
+    );
+    assert!(text.contains("event  | changelog succeeded"), "{text}");
     // The typed turn started a second task, also announced.
     assert!(
         text.contains("changelog                succeeded"),

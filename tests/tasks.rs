@@ -539,23 +539,58 @@ fn logs_follow_streams_until_the_task_ends() {
 
 #[test]
 fn events_stream_shows_completions() {
+    use std::io::BufRead;
     let mut w = Walkie::new();
     w.start();
     let mut child = w
-        .command(&["ctl", "events"])
+        .command(&["ctl", "events", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Give the subscription a moment to register before the task starts.
-    std::thread::sleep(Duration::from_millis(300));
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first line confirms the subscription: nothing after it can be missed.
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["subscribed"], "events", "{first}");
     let name = w.start_task(&["--name", "evented", "@sleep=0.2 @text=it_worked"]);
-    w.wait_finished(&name, T);
-    std::thread::sleep(Duration::from_millis(300));
+    let started: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        started["event"],
+        serde_json::json!({"kind": "started", "task": name})
+    );
+    let finished: serde_json::Value =
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(finished["event"]["kind"], "finished");
+    assert_eq!(finished["event"]["state"], "succeeded");
+    assert_eq!(
+        finished["event"]["summary"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('.'),
+        "it worked"
+    );
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("evented started"), "{text}");
-    assert!(text.contains("evented succeeded: it worked"), "{text}");
+    let _ = child.wait();
+}
+
+#[test]
+fn malformed_and_oversized_agent_output_is_survived() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&[
+        "--name",
+        "messy",
+        "@malformed @oversize=1M @text=still_fine",
+    ]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(
+        t["summary"].as_str().unwrap().trim_end_matches('.'),
+        "still fine"
+    );
+    let (_, logs, _) = w.ctl(&["logs", "messy"]);
+    assert!(logs.contains("[walkie: dropped an oversized"), "{logs}");
+    assert!(logs.contains("[walkie: unreadable line"), "{logs}");
+    assert_eq!(w.ctl_json(&["status"])["tasks"]["finished"], 1);
 }
 
 #[test]

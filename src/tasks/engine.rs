@@ -851,7 +851,6 @@ impl TaskEngine {
         let Some((_, rx)) = slot.as_mut() else { return };
         let mut total = 0;
         let mut eof = false;
-        let mut chunks: Vec<(usize, usize)> = Vec::new();
         // Read into the shared scratch buffer up to one budget.
         while total < READ_BUDGET {
             match rx.read(&mut self.scratch[total..]) {
@@ -859,10 +858,7 @@ impl TaskEngine {
                     eof = true;
                     break;
                 }
-                Ok(n) => {
-                    chunks.push((total, n));
-                    total += n;
-                }
+                Ok(n) => total += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
