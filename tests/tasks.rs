@@ -608,3 +608,31 @@ fn an_agent_dies_with_walkie_through_its_parent_death_signal() {
         "agent {agent} outlived walkie"
     );
 }
+
+#[test]
+fn a_reused_pid_in_the_state_file_is_never_touched() {
+    let mut w = Walkie::new();
+    // A stranger now holds the pid the state file names; its start time differs.
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = stranger.id();
+    let state = serde_json::json!({"version": 1, "tasks": [{
+        "name": "old", "id": "00000000deadbeef", "state": "running", "project": null,
+        "cwd": "/", "prompt": "x", "pid": pid, "pid_start_time": 1,
+        "started_at": "2026-01-01T00:00:00Z", "ended_at": null, "exit_code": null,
+        "summary": null, "session_id": null, "files_changed": []
+    }], "transcript": []});
+    std::fs::create_dir_all(w.path("state/walkie")).unwrap();
+    std::fs::write(w.state_file(), state.to_string()).unwrap();
+    w.start();
+    assert_eq!(w.task("old")["state"], "interrupted");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pid as i32),
+        "walkie killed a process that only shares the pid"
+    );
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
