@@ -88,13 +88,13 @@ fn dispatch(args: &[String]) -> Result<i32, Usage> {
         "doctor" => {
             let mut opts = Opts::parse(rest, &["--config"], &[])?;
             opts.no_positionals()?;
-            Ok(crate::daemon::doctor(
+            Ok(crate::doctor::doctor(
                 opts.value("--config").map(PathBuf::from),
             ))
         }
         "devices" => {
             Opts::parse(rest, &[], &[])?.no_positionals()?;
-            Ok(crate::daemon::devices())
+            Ok(crate::devices::devices())
         }
         other => Err(usage(format!("unknown command \"{other}\""))),
     }

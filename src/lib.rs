@@ -16,6 +16,8 @@ pub mod config;
 pub mod control;
 pub mod conversation;
 pub mod daemon;
+pub mod devices;
+pub mod doctor;
 pub mod logging;
 pub mod paths;
 pub mod reactor;
