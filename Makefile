@@ -11,10 +11,10 @@ deps:
 	@./tools/deps.sh
 
 build: deps
-	$(CARGO) build --workspace --all-targets
+	$(CARGO) build --locked --workspace --all-targets
 
 release: deps
-	$(CARGO) build --release
+	$(CARGO) build --locked --release
 
 # The Python venv with the official OpenAI SDK, used to check the shapes of sent events.
 sdk-venv: $(VENV)/.ok
@@ -24,7 +24,7 @@ $(VENV)/.ok: tools/sdk-check/requirements.txt
 	touch $@
 
 test: deps sdk-venv
-	WALKIE_SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --workspace --all-targets
+	WALKIE_SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --locked --workspace --all-targets
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -35,7 +35,7 @@ fmt:
 
 # The main job on the built-in local stand-ins: no keys, no hardware.
 demo: deps
-	$(CARGO) build --bins
+	$(CARGO) build --locked -p walkie -p walkie-fakes --bins
 	./tools/demo.sh
 
 clean:

@@ -3,8 +3,11 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+
 #[test]
 fn the_demo_runs_the_voice_loop_end_to_end() {
+    common::fakes_built();
     let dir = tempfile::tempdir().unwrap();
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_walkie")).parent().unwrap();
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/demo.sh"))

@@ -17,7 +17,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-const EXE: &str = env!("CARGO_BIN_EXE_fake-agent");
+mod common;
+
+const EXE: &str = common::FAKE_AGENT;
 const WATCHDOG: Duration = Duration::from_secs(10);
 
 fn fixture(name: &str) -> Vec<Value> {
@@ -53,6 +55,7 @@ fn stream_args(prompt: &str) -> Vec<String> {
 }
 
 fn command(dir: &Path, args: &[String]) -> Command {
+    common::fakes_built();
     let mut cmd = Command::new(EXE);
     cmd.args(args)
         .current_dir(dir)

@@ -16,7 +16,9 @@ use tungstenite::handshake::HandshakeError;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, WebSocket};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fake-realtime");
+mod common;
+
+const BIN: &str = common::FAKE_REALTIME;
 /// Generous: builders share two cores; nothing here waits this long when it works.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -49,6 +51,7 @@ fn b64(bytes: &[u8]) -> String {
 
 impl Fake {
     fn start(args: &[&str]) -> Fake {
+        common::fakes_built();
         let mut child = Command::new(BIN)
             .args(args)
             .stdout(Stdio::piped())

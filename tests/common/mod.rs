@@ -11,9 +11,75 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// `WALKIE`'s directory joined with a file name, as a `&'static str` built at compile time
+/// (so the constants stay constants: `format!("{FAKE_AGENT}")`, `.replace(FAKE_AGENT, ..)`).
+macro_rules! beside_walkie {
+    ($name:literal) => {{
+        const DIR: &[u8] = WALKIE.as_bytes().split_at(WALKIE.len() - "walkie".len()).0;
+        const LEN: usize = DIR.len() + $name.len();
+        const BYTES: [u8; LEN] = {
+            let (mut out, name) = ([0u8; LEN], $name.as_bytes());
+            let mut i = 0;
+            while i < LEN {
+                out[i] = if i < DIR.len() {
+                    DIR[i]
+                } else {
+                    name[i - DIR.len()]
+                };
+                i += 1;
+            }
+            out
+        };
+        match std::str::from_utf8(&BYTES) {
+            Ok(path) => path,
+            Err(_) => panic!("target path is not UTF-8"),
+        }
+    }};
+}
+
 pub const WALKIE: &str = env!("CARGO_BIN_EXE_walkie");
-pub const FAKE_AGENT: &str = env!("CARGO_BIN_EXE_fake-agent");
-pub const FAKE_REALTIME: &str = env!("CARGO_BIN_EXE_fake-realtime");
+/// The stand-ins are binaries of the `walkie-fakes` package (tools/Cargo.toml), so users never
+/// install them; cargo puts them beside `walkie`. `Walkie::new`, `FakeRealtime::start` and
+/// [`fakes_built`] make sure they exist and are current before a test runs them.
+pub const FAKE_AGENT: &str = beside_walkie!("fake-agent");
+pub const FAKE_REALTIME: &str = beside_walkie!("fake-realtime");
+
+/// Builds the `walkie-fakes` binaries into walkie's target directory and profile, once per
+/// test process. `cargo test --test tasks` builds only the walkie package's targets, so
+/// without this a test would run a missing or stale fake-agent after an edit of its sources.
+/// A no-op build takes well under a second; `cargo test --workspace` has built them already.
+pub fn fakes_built() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let profile_dir = Path::new(WALKIE).parent().unwrap();
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+        cargo.args(["build", "--quiet", "-p", "walkie-fakes", "--bins"]);
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => {}
+            Some("release") => {
+                cargo.arg("--release");
+            }
+            Some(other) => {
+                cargo.args(["--profile", other]);
+            }
+            None => {}
+        }
+        // target/<profile>/walkie, or target/<triple>/<profile>/walkie with --target.
+        let mut target_dir = profile_dir.parent().unwrap();
+        if !target_dir.join("CACHEDIR.TAG").exists() {
+            let triple = target_dir.file_name().unwrap().to_str().unwrap();
+            cargo.args(["--target", triple]);
+            target_dir = target_dir.parent().unwrap();
+        }
+        let status = cargo
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo to build the fake tools");
+        assert!(status.success(), "cargo build -p walkie-fakes failed");
+        assert!(Path::new(FAKE_AGENT).exists() && Path::new(FAKE_REALTIME).exists());
+    });
+}
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -104,6 +170,7 @@ impl Walkie {
     /// appended; keys in [agent], [realtime], [audio], [button] may be overridden by
     /// passing full sections through `with_config`).
     pub fn new() -> Walkie {
+        fakes_built();
         let dir = tempfile::tempdir().unwrap();
         for sub in ["home", "config/walkie", "state", "data", "runtime"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
@@ -435,6 +502,7 @@ impl FakeRealtime {
     pub fn start_opts(dir: &Path, tls: bool, extra: &[&str]) -> FakeRealtime {
         let record = dir.join("received.jsonl");
         let cert = dir.join("fake-ca.pem");
+        fakes_built();
         let mut cmd = Command::new(FAKE_REALTIME);
         cmd.arg("--record").arg(&record).args(extra);
         if tls {
