@@ -1,0 +1,105 @@
+//! The documentation users read stays true: the configuration reference lists every key of
+//! `walkie config example` with the same default, and nothing it documents is gone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+fn repo_file(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `section.key` → default, from the rows `| `key` | `default` | meaning |` under each
+/// `## [section]` heading of docs/CONFIGURATION.md.
+fn documented_keys(doc: &str) -> (BTreeMap<String, toml::Value>, Vec<String>) {
+    let mut keys = BTreeMap::new();
+    let mut sections = Vec::new();
+    let mut section: Option<String> = None;
+    for (n, line) in doc.lines().enumerate() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            section = heading
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .map(str::to_string);
+            sections.extend(section.clone());
+            continue;
+        }
+        let Some(section) = &section else { continue };
+        let cells: Vec<&str> = line.split(" | ").map(str::trim).collect();
+        let [key, default, ..] = cells.as_slice() else {
+            continue;
+        };
+        let Some(key) = key.strip_prefix("| `").and_then(|k| k.strip_suffix('`')) else {
+            continue;
+        };
+        let default = default
+            .strip_prefix('`')
+            .and_then(|d| d.strip_suffix('`'))
+            .unwrap_or_else(|| panic!("CONFIGURATION.md:{}: default of {key} not in `…`", n + 1));
+        let value: toml::Table = toml::from_str(&format!("v = {default}")).unwrap_or_else(|e| {
+            panic!(
+                "CONFIGURATION.md:{}: default of {key} is not TOML: {e}",
+                n + 1
+            )
+        });
+        keys.insert(format!("{section}.{key}"), value["v"].clone());
+    }
+    (keys, sections)
+}
+
+#[test]
+fn the_configuration_reference_documents_every_key_with_its_default() {
+    let out = Command::new(common::WALKIE)
+        .args(["config", "example"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let example: toml::Table = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    let doc = repo_file("docs/CONFIGURATION.md");
+    let (documented, sections) = documented_keys(&doc);
+    let mut missing = Vec::new();
+    for (section, table) in &example {
+        let toml::Value::Table(table) = table else {
+            panic!("config example: {section} is not a section");
+        };
+        assert!(
+            sections.contains(section),
+            "docs/CONFIGURATION.md has no \"## [{section}]\" heading"
+        );
+        for (key, default) in table {
+            let path = format!("{section}.{key}");
+            match documented.get(&path) {
+                None => missing.push(format!(
+                    "{path} (add a row \"| `{key}` | `{default}` | what it does |\" under ## [{section}])"
+                )),
+                Some(doc_default) => assert_eq!(
+                    doc_default, default,
+                    "docs/CONFIGURATION.md gives {path} the default {doc_default}, \
+                     `walkie config example` says {default}"
+                ),
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/CONFIGURATION.md does not document:\n  {}",
+        missing.join("\n  ")
+    );
+    let gone: Vec<_> = documented
+        .keys()
+        .filter(|path| {
+            let (section, key) = path.split_once('.').unwrap();
+            example
+                .get(section)
+                .and_then(|t| t.as_table())
+                .is_none_or(|t| !t.contains_key(key))
+        })
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "docs/CONFIGURATION.md documents keys `walkie config example` does not have: {gone:?}"
+    );
+}
