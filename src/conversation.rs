@@ -26,14 +26,6 @@ use crate::realtime::events::{
 };
 use crate::voice::{Earcon, FRAMES_PER_MS, PlaybackProgress};
 
-/// Runs the model's tools; implemented by the task engine.
-pub trait ToolHandler {
-    /// Runs a model tool synchronously (spawning is a fork/exec, never a wait); returns the short JSON output string.
-    fn call_tool(&mut self, name: &str, arguments: &str) -> String;
-    /// Plain-text summary of the task registry (running + recently finished) for context restore.
-    fn context_summary(&self) -> String;
-}
-
 /// A finished task, as the task engine reports it (summary already short and redacted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -106,6 +98,14 @@ pub enum Action {
     /// The server refused walkie for good (bad key, quota, model, beta shape): stop retrying.
     LinkFatal {
         reason: String,
+    },
+    /// Run the model's tool `name` with its JSON `arguments` and hand the output back with
+    /// [`Conversation::handle_tool_output`]. The response that made the call is not
+    /// continued (no `response.create`) until every output of it is back.
+    CallTool {
+        call_id: String,
+        name: String,
+        arguments: String,
     },
 }
 
@@ -244,6 +244,10 @@ pub struct Conversation {
     awaited_transcriptions: HashMap<String, (u64, i64)>,
     /// The last server error worth a user's attention (`code: message`), for status.
     last_error: Option<String>,
+    /// Tool calls of this session handed to the daemon whose output is not back yet.
+    calls_in_flight: Vec<String>,
+    /// The task registry in a few lines, as the daemon last reported it (context restore).
+    task_summary: String,
 }
 
 impl Conversation {
@@ -271,6 +275,8 @@ impl Conversation {
             next_order: 0,
             awaited_transcriptions: HashMap::new(),
             last_error: None,
+            calls_in_flight: Vec::new(),
+            task_summary: String::new(),
         }
     }
 
@@ -300,6 +306,8 @@ impl Conversation {
         self.heard.clear();
         self.cancelled_responses.clear();
         self.awaited_transcriptions.clear();
+        // Their outputs would name calls of a session that no longer exists.
+        self.calls_in_flight.clear();
         for completion in self.announcing.drain(..).rev() {
             self.pending.push_front(completion);
         }
@@ -308,13 +316,7 @@ impl Conversation {
 
     /// One text frame from the server. `unix_now_s` dates transcript entries and anchors
     /// `expires_at`.
-    pub fn handle_server_text(
-        &mut self,
-        now: Instant,
-        unix_now_s: i64,
-        text: &str,
-        tools: &mut dyn ToolHandler,
-    ) {
+    pub fn handle_server_text(&mut self, now: Instant, unix_now_s: i64, text: &str) {
         let event = match parse_server_event(text) {
             Ok(event) => event,
             Err(e) => {
@@ -326,8 +328,32 @@ impl Conversation {
             debug!("server event while the link is down, ignored: {event:?}");
             return;
         }
-        self.handle_server_event(now, unix_now_s, event, tools);
+        self.handle_server_event(now, unix_now_s, event);
         self.after_input(now);
+    }
+
+    /// The output of an [`Action::CallTool`]: sent to the model as the call's
+    /// `function_call_output`. An output for a call of a session that has since closed is
+    /// dropped (the new session never saw the call).
+    pub fn handle_tool_output(&mut self, now: Instant, call_id: &str, output: String) {
+        let Some(index) = self.calls_in_flight.iter().position(|c| c == call_id) else {
+            debug!("output of tool call {call_id} dropped: its session is gone");
+            return;
+        };
+        self.calls_in_flight.swap_remove(index);
+        self.push(Action::Send(ClientEvent::create_item(
+            Item::FunctionCallOutput {
+                call_id: call_id.to_owned(),
+                output,
+            },
+        )));
+        self.after_input(now);
+    }
+
+    /// The task registry in a few plain lines (running and recently finished tasks), as
+    /// the next context restore should tell it. The daemon reports it when it changes.
+    pub fn handle_task_summary(&mut self, summary: String) {
+        self.task_summary = summary;
     }
 
     /// A button edge. `playback` is the audio engine's progress at the press, for barge-in.
@@ -476,18 +502,12 @@ impl Conversation {
 
     // ---- server events ----
 
-    fn handle_server_event(
-        &mut self,
-        now: Instant,
-        unix_now_s: i64,
-        event: ServerEvent,
-        tools: &mut dyn ToolHandler,
-    ) {
+    fn handle_server_event(&mut self, now: Instant, unix_now_s: i64, event: ServerEvent) {
         match event {
             ServerEvent::SessionCreated {
                 session_id,
                 expires_at,
-            } => self.session_created(now, unix_now_s, session_id, expires_at, tools),
+            } => self.session_created(now, unix_now_s, session_id, expires_at),
             ServerEvent::SessionUpdated => debug!("session.updated"),
             ServerEvent::InputAudioBufferCommitted { item_id } => {
                 if self.awaited_transcriptions.len() >= AWAITED_TRANSCRIPTIONS_MAX {
@@ -538,7 +558,7 @@ impl Conversation {
                 name,
                 arguments,
                 ..
-            } => self.function_call(response_id, call_id, &name, &arguments, tools),
+            } => self.function_call(response_id, call_id, name, arguments),
             ServerEvent::ResponseDone {
                 response_id,
                 status,
@@ -557,7 +577,6 @@ impl Conversation {
         unix_now_s: i64,
         session_id: String,
         expires_at: Option<i64>,
-        tools: &mut dyn ToolHandler,
     ) {
         info!("Realtime session {session_id} created");
         let rotate_at = expires_at.and_then(|expires| {
@@ -578,14 +597,14 @@ impl Conversation {
             rotate_at,
         });
         self.push(Action::Send(session_update(&self.settings.session)));
-        self.restore_context(tools);
+        self.restore_context();
     }
 
     /// A new session knows nothing: one system message with the task registry, then the
     /// newest transcript turns that fit the budget, oldest first.
-    fn restore_context(&mut self, tools: &mut dyn ToolHandler) {
-        let summary = tools.context_summary();
-        let summary = summary.trim();
+    fn restore_context(&mut self) {
+        let summary = self.task_summary.trim().to_owned();
+        let summary = summary.as_str();
         if summary.is_empty() && self.transcript.is_empty() {
             return;
         }
@@ -742,26 +761,31 @@ impl Conversation {
         &mut self,
         response_id: String,
         call_id: String,
-        name: &str,
-        arguments: &str,
-        tools: &mut dyn ToolHandler,
+        name: String,
+        arguments: String,
     ) {
         if !self.session_ready() {
             return;
         }
         // The user barged in on this response: do not act on a decision they interrupted
         // (it may be destructive); tell the model instead.
-        let output = if self.cancelled_responses.contains(&response_id) {
+        if self.cancelled_responses.contains(&response_id) {
             info!("not running {name}: its response was interrupted");
-            json!({"status": "not_run", "reason": "the user interrupted before this call ran"})
-                .to_string()
+            let output =
+                json!({"status": "not_run", "reason": "the user interrupted before this call ran"})
+                    .to_string();
+            self.push(Action::Send(ClientEvent::create_item(
+                Item::FunctionCallOutput { call_id, output },
+            )));
         } else {
-            info!("tool call {name} {}", snippet(arguments));
-            tools.call_tool(name, arguments)
-        };
-        self.push(Action::Send(ClientEvent::create_item(
-            Item::FunctionCallOutput { call_id, output },
-        )));
+            info!("tool call {name} {}", snippet(&arguments));
+            self.calls_in_flight.push(call_id.clone());
+            self.push(Action::CallTool {
+                call_id,
+                name,
+                arguments,
+            });
+        }
         match &mut self.responding {
             Responding::Active {
                 id, tool_outputs, ..
@@ -950,11 +974,13 @@ impl Conversation {
     }
 
     fn pump_response(&mut self) {
+        // A response.create before every output is in would answer without them.
         if self.wanted.is_none()
             || !matches!(self.responding, Responding::Idle)
             || !self.session_ready()
             || self.button_down
             || self.capturing
+            || !self.calls_in_flight.is_empty()
         {
             return;
         }
@@ -991,6 +1017,7 @@ impl Conversation {
             && !self.capturing
             && matches!(self.responding, Responding::Idle)
             && self.wanted.is_none()
+            && self.calls_in_flight.is_empty()
             && !self.playing();
         if !idle {
             return None;
@@ -1141,19 +1168,19 @@ mod tests {
 
     const UNIX0: i64 = 1_795_581_369;
 
+    /// The daemon's tool runner in miniature: records each call, answers at once.
     #[derive(Default)]
     struct FakeTools {
         calls: Vec<(String, String)>,
         summary: String,
+        /// Calls are left in flight (the test hands the outputs back itself).
+        hold: bool,
     }
 
-    impl ToolHandler for FakeTools {
-        fn call_tool(&mut self, name: &str, arguments: &str) -> String {
+    impl FakeTools {
+        fn call(&mut self, name: &str, arguments: &str) -> String {
             self.calls.push((name.into(), arguments.into()));
             format!(r#"{{"status":"ok","tool":"{name}"}}"#)
-        }
-        fn context_summary(&self) -> String {
-            self.summary.clone()
         }
     }
 
@@ -1163,6 +1190,8 @@ mod tests {
         conv: Conversation,
         tools: FakeTools,
         t0: Instant,
+        /// The instant of the latest input, at which tool outputs come back.
+        now: std::cell::Cell<Instant>,
         playback: PlaybackProgress,
     }
 
@@ -1172,10 +1201,14 @@ mod tests {
         }
 
         fn with(settings: ConversationSettings, tools: FakeTools) -> Rig {
+            let t0 = Instant::now();
+            let mut conv = Conversation::new(settings);
+            conv.handle_task_summary(tools.summary.clone());
             Rig {
-                conv: Conversation::new(settings),
+                conv,
                 tools,
-                t0: Instant::now(),
+                t0,
+                now: std::cell::Cell::new(t0),
                 playback: PlaybackProgress::default(),
             }
         }
@@ -1188,18 +1221,33 @@ mod tests {
         }
 
         fn at(&self, ms: u64) -> Instant {
-            self.t0 + Duration::from_millis(ms)
+            let now = self.t0 + Duration::from_millis(ms);
+            self.now.set(now);
+            now
         }
 
+        /// Every action queued, in order; tool calls are run as the daemon runs them (at
+        /// once, their outputs handed back) unless the tools hold them.
         fn drain(&mut self) -> Vec<Action> {
-            let actions: Vec<Action> = std::iter::from_fn(|| self.conv.poll_action()).collect();
-            for action in &actions {
-                if let Action::Play { pcm } = action {
-                    self.playback.queued_frames += pcm.len() as u64;
+            let mut actions = Vec::new();
+            while let Some(action) = self.conv.poll_action() {
+                match &action {
+                    Action::Play { pcm } => self.playback.queued_frames += pcm.len() as u64,
+                    Action::FlushPlayback => {
+                        self.playback.consumed_frames = self.playback.queued_frames
+                    }
+                    Action::CallTool {
+                        call_id,
+                        name,
+                        arguments,
+                    } if !self.tools.hold => {
+                        let output = self.tools.call(name, arguments);
+                        self.conv
+                            .handle_tool_output(self.now.get(), call_id, output);
+                    }
+                    _ => {}
                 }
-                if let Action::FlushPlayback = action {
-                    self.playback.consumed_frames = self.playback.queued_frames;
-                }
+                actions.push(action);
             }
             actions
         }
@@ -1207,8 +1255,13 @@ mod tests {
         fn server(&mut self, ms: u64, text: &str) -> Vec<Action> {
             let now = self.at(ms);
             let unix = UNIX0 + (ms / 1000) as i64;
-            self.conv
-                .handle_server_text(now, unix, text, &mut self.tools);
+            self.conv.handle_server_text(now, unix, text);
+            self.drain()
+        }
+
+        fn tool_output(&mut self, ms: u64, call_id: &str, output: &str) -> Vec<Action> {
+            let now = self.at(ms);
+            self.conv.handle_tool_output(now, call_id, output.into());
             self.drain()
         }
 
@@ -1357,6 +1410,7 @@ mod tests {
                 Action::TranscriptChanged => "transcript".into(),
                 Action::Reconnect { reason } => format!("reconnect: {reason}"),
                 Action::LinkFatal { reason } => format!("fatal: {reason}"),
+                Action::CallTool { name, .. } => format!("call {name}"),
             })
             .collect()
     }
@@ -1816,7 +1870,10 @@ mod tests {
             ]
         );
         let second = rig.server(30, &function_call("resp_1", "call_2", "list_tasks", "{}"));
-        assert_eq!(outline(&second), ["conversation.item.create"]);
+        assert_eq!(
+            outline(&second),
+            ["call list_tasks", "conversation.item.create"]
+        );
         assert_eq!(
             rig.tools.calls,
             [
@@ -1830,6 +1887,60 @@ mod tests {
         );
         rig.server(50, &created("resp_2"));
         assert_eq!(rig.server(60, &done("resp_2", "completed")), []);
+    }
+
+    #[test]
+    fn a_tool_call_is_an_action_and_its_response_waits_for_every_output() {
+        let mut rig = Rig::ready();
+        rig.tools.hold = true;
+        rig.say(0, "start two things");
+        rig.server(10, &created("resp_1"));
+        let actions = rig.server(20, &function_call("resp_1", "call_1", "start_task", "{}"));
+        assert_eq!(
+            actions,
+            [Action::CallTool {
+                call_id: "call_1".into(),
+                name: "start_task".into(),
+                arguments: "{}".into()
+            }]
+        );
+        rig.server(21, &function_call("resp_1", "call_2", "list_tasks", "{}"));
+        // The response ends before the outputs are back (the link delivered it in the same
+        // batch): no response.create yet, it would answer without them.
+        assert_eq!(rig.server(30, &done("resp_1", "completed")), []);
+        assert_eq!(
+            rig.conv.poll_timeout(),
+            None,
+            "nothing to announce meanwhile"
+        );
+        let first = rig.tool_output(31, "call_2", r#"{"tasks":[]}"#);
+        assert_eq!(outline(&first), ["conversation.item.create"]);
+        assert_eq!(sent(&first)[0]["item"]["call_id"], "call_2");
+        // The last output releases the one response that covers both.
+        let last = rig.tool_output(32, "call_1", r#"{"status":"started"}"#);
+        assert_eq!(
+            outline(&last),
+            ["conversation.item.create", "response.create"]
+        );
+        // An output nobody waits for (repeated, or unknown) is dropped.
+        assert_eq!(rig.tool_output(33, "call_1", "{}"), []);
+        assert_eq!(rig.tool_output(34, "call_9", "{}"), []);
+    }
+
+    #[test]
+    fn an_output_for_a_closed_session_is_dropped() {
+        let mut rig = Rig::ready();
+        rig.tools.hold = true;
+        rig.say(0, "start it");
+        rig.server(10, &created("resp_1"));
+        rig.server(20, &function_call("resp_1", "call_1", "start_task", "{}"));
+        rig.conv.handle_link_closed(rig.at(30));
+        rig.drain();
+        rig.open_session(40);
+        // The new session never saw call_1; its output must not be sent there.
+        assert_eq!(rig.tool_output(50, "call_1", "{}"), []);
+        // And it does not hold up the new session's responses.
+        assert_eq!(count(&rig.say(60, "hello"), "response.create"), 1);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::realtime::trace::Trace;
 use crate::signals::{SignalEvent, Signals};
 use crate::state::{self, StateFile, StateWriter};
 use crate::tasks::{EngineSettings, TaskEngine, TaskEvent, TaskState};
-use crate::tools::{self, ToolContext};
+use crate::tools;
 
 /// Extra time after the agents' cancel grace before shutdown stops waiting for them.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(3);
@@ -99,6 +99,8 @@ struct Daemon {
     /// Shutdown gave up waiting and sent SIGKILL.
     force_killed: bool,
     state_dirty: bool,
+    /// The registry changed since the conversation core was last told its summary.
+    task_summary_stale: bool,
     capturing: bool,
     samples: Vec<i16>,
     ready: Vec<Event>,
@@ -149,6 +151,7 @@ impl Daemon {
         let engine = TaskEngine::new(engine_settings(&config, &paths), saved.tasks, now);
         let mut conv = Conversation::new(conversation_settings(&config));
         conv.restore_transcript(saved.transcript);
+        conv.handle_task_summary(engine.context_summary());
         let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
         let signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
         signals
@@ -187,6 +190,7 @@ impl Daemon {
             shutdown_deadline: None,
             force_killed: false,
             state_dirty: true,
+            task_summary_stale: false,
             capturing: false,
             samples: Vec::with_capacity(24_000),
             ready: Vec::with_capacity(256),
@@ -365,13 +369,12 @@ impl Daemon {
                     trace.received(now, &text);
                 }
                 let unix_now = (crate::clock::unix_ms(SystemTime::now()) / 1000) as i64;
-                let mut tools = ToolContext {
-                    engine: &mut self.engine,
-                    registry: self.reactor.registry(),
-                    now,
-                };
-                self.conv
-                    .handle_server_text(now, unix_now, &text, &mut tools);
+                if self.task_summary_stale {
+                    // Any frame may be the `session.created` whose context restore tells it.
+                    self.task_summary_stale = false;
+                    self.conv.handle_task_summary(self.engine.context_summary());
+                }
+                self.conv.handle_server_text(now, unix_now, &text);
             }
             LinkEvent::Closed {
                 reason,
@@ -423,7 +426,10 @@ impl Daemon {
     fn on_task_event(&mut self, now: Instant, ev: TaskEvent) {
         let registry = self.reactor.registry();
         match ev {
-            TaskEvent::Changed => self.state_dirty = true,
+            TaskEvent::Changed => {
+                self.state_dirty = true;
+                self.task_summary_stale = true;
+            }
             TaskEvent::Started { name } => {
                 let line = json!({"ok": true, "event": {"kind": "started", "task": name}});
                 for t in self.control.subscribers(|s| *s == Subscription::Events) {
@@ -535,6 +541,20 @@ impl Daemon {
                         link.fail(self.reactor.registry(), reason);
                         self.conv.handle_link_closed(now);
                     }
+                }
+                Action::CallTool {
+                    call_id,
+                    name,
+                    arguments,
+                } => {
+                    let output = tools::run(
+                        &mut self.engine,
+                        self.reactor.registry(),
+                        now,
+                        &name,
+                        &arguments,
+                    );
+                    self.conv.handle_tool_output(now, &call_id, output);
                 }
             }
         }

@@ -1,37 +1,31 @@
 //! The model's tools (DESIGN.md §3): JSON arguments in, short JSON outputs out.
 //!
-//! Every call goes straight to the task engine and returns at once (a start is a
-//! fork/exec, never a wait). Outputs are short because the model reads them aloud in its
-//! own words, and everything in them that came from an agent is redacted.
+//! The conversation core asks for a call with `Action::CallTool`; the daemon runs it here,
+//! against the task engine, and hands the output back. Every call returns at once (a start
+//! is a fork/exec, never a wait). Outputs are short because the model reads them aloud in
+//! its own words, and everything in them that came from an agent is redacted.
 
 use std::time::Instant;
 
 use mio::Registry;
 use serde_json::{Value, json};
 
-use crate::conversation::ToolHandler;
 use crate::tasks::{TaskEngine, TaskError, TaskRecord, redact};
 
 /// Longest result text handed to the model.
 const RESULT_CHARS: usize = 1500;
 
-/// The task engine seen as the model's tool box for one call.
-pub struct ToolContext<'a> {
-    pub engine: &'a mut TaskEngine,
-    pub registry: &'a Registry,
-    pub now: Instant,
-}
-
-impl ToolHandler for ToolContext<'_> {
-    fn call_tool(&mut self, name: &str, arguments: &str) -> String {
-        let out = call(self.engine, self.registry, self.now, name, arguments);
-        log::info!("tool {name} {} → {out}", redact::redact(arguments));
-        out.to_string()
-    }
-
-    fn context_summary(&self) -> String {
-        self.engine.context_summary()
-    }
+/// Runs tool `name` for the model and returns its output as sent back (a JSON string).
+pub fn run(
+    engine: &mut TaskEngine,
+    registry: &Registry,
+    now: Instant,
+    name: &str,
+    arguments: &str,
+) -> String {
+    let out = call(engine, registry, now, name, arguments);
+    log::info!("tool {name} {} → {out}", redact::redact(arguments));
+    out.to_string()
 }
 
 /// Runs tool `name` with its JSON `arguments`.
