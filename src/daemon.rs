@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::audio::{Audio, AudioReport, AudioSettings};
 use crate::button::{Button, ButtonEvent};
 use crate::config::{Config, ConfigSource};
+use crate::control::handler::{self, Handled, Parts, Vitals};
 use crate::control::server::Subscription;
 use crate::control::{ControlServer, Request, StartupError, proto};
 use crate::conversation::{Action, Completion, Conversation, ConversationSettings};
@@ -562,118 +563,24 @@ impl Daemon {
     }
 
     fn on_request(&mut self, now: Instant, token: mio::Token, req: Request) {
-        let registry = self.reactor.registry();
-        let reply = match req {
-            Request::Status => json!({"ok": true, "status": self.status(now)}),
-            Request::Tasks => json!({"ok": true, "tasks": self.engine.records()}),
-            Request::Start {
-                prompt,
-                name,
-                project,
-            } => {
-                match self
-                    .engine
-                    .start(registry, &prompt, name.as_deref(), project.as_deref())
-                {
-                    Ok(task) => json!({"ok": true, "task": task}),
-                    Err(e) => error_from(&e),
-                }
-            }
-            Request::Continue { name, prompt } => {
-                match self.engine.continue_task(registry, &name, &prompt) {
-                    Ok(task) => json!({"ok": true, "task": task}),
-                    Err(e) => error_from(&e),
-                }
-            }
-            Request::Cancel { name } => match self.engine.cancel(&name, now) {
-                Ok(task) => json!({"ok": true, "task": task}),
-                Err(e) => error_from(&e),
-            },
-            Request::Result { name } => match self.engine.resolve(&name) {
-                Ok(record) => {
-                    let mut v = serde_json::to_value(record).unwrap_or(Value::Null);
-                    v["log"] = json!(self.engine.log_path(&record.name));
-                    json!({"ok": true, "task": v})
-                }
-                Err(e) => error_from(&e),
-            },
-            Request::Logs { name, follow } => match self.engine.logs(&name) {
-                Ok((task, text)) => {
-                    let running = self
-                        .engine
-                        .resolve(&task)
-                        .is_ok_and(|r| r.state.is_running());
-                    if follow && running && self.engine.set_followed(&task, true) {
-                        self.control
-                            .subscribe(token, Subscription::Logs { task: task.clone() });
-                        json!({"ok": true, "task": task, "text": text})
-                    } else {
-                        let state = self
-                            .engine
-                            .resolve(&task)
-                            .map(|r| r.state.as_str())
-                            .unwrap_or("unknown");
-                        json!({"ok": true, "task": task, "text": text, "end": true, "state": state})
-                    }
-                }
-                Err(e) => error_from(&e),
-            },
-            Request::Events => {
-                self.control.subscribe(token, Subscription::Events);
-                json!({"ok": true, "subscribed": "events"})
-            }
-            Request::Say { text } => {
-                let at = crate::clock::now_rfc3339();
-                match self.conv.handle_say(now, &text, &at) {
-                    Ok(()) => json!({"ok": true}),
-                    Err(e) => proto::error_reply(e.to_string()),
-                }
-            }
-            Request::Press => {
-                self.button.press(now);
-                json!({"ok": true})
-            }
-            Request::Release => {
-                self.button.release(now);
-                json!({"ok": true})
-            }
-            Request::Transcript => json!({"ok": true, "transcript": self.conv.transcript()}),
+        let parts = Parts {
+            now,
+            registry: self.reactor.registry(),
+            engine: &mut self.engine,
+            conv: &mut self.conv,
+            button: &mut self.button,
         };
-        self.control.reply(self.reactor.registry(), token, &reply);
-    }
-
-    fn status(&self, now: Instant) -> Value {
-        let (link, link_error) = match (&self.link, &self.link_off) {
-            (Some(link), _) => {
-                let state = match link.status() {
-                    LinkStatus::Disabled => "disabled",
-                    LinkStatus::Connecting => "connecting",
-                    LinkStatus::Connected => "connected",
-                    LinkStatus::Backoff { .. } => "backoff",
-                    LinkStatus::Failed => "failed",
-                };
-                (state, link.last_error().map(str::to_string))
+        let (link, audio) = (&self.link, &self.audio);
+        let (link_off, started) = (&self.link_off, self.started);
+        let shutting_down = self.shutdown_deadline.is_some();
+        let vitals = || vitals(link, link_off, audio.as_ref(), now, started, shutting_down);
+        match handler::handle(req, parts, vitals) {
+            Handled::Reply(reply) => self.control.reply(self.reactor.registry(), token, &reply),
+            Handled::Subscribe(first, subscription) => {
+                self.control.subscribe(token, subscription);
+                self.control.reply(self.reactor.registry(), token, &first);
             }
-            (None, Some((state, why))) => (*state, Some(why.clone())),
-            (None, None) => ("disabled", None),
-        };
-        let audio = match &self.audio {
-            Some(a) => serde_json::to_value(a.status()).unwrap_or(Value::Null),
-            None => json!({"state": "disabled"}),
-        };
-        let recent: Vec<_> = self.conv.transcript().iter().rev().take(4).rev().collect();
-        json!({
-            "link": link,
-            "link_error": link_error,
-            "audio": audio,
-            "button": self.button.status(),
-            "tasks": {"running": self.engine.running_count(), "finished": self.engine.finished_count()},
-            "uptime_s": now.saturating_duration_since(self.started).as_secs(),
-            "pid": std::process::id(),
-            "conversation": self.conv.status(),
-            "recent_transcript": recent,
-            "shutting_down": self.shutdown_deadline.is_some(),
-        })
+        }
     }
 
     fn persist(&mut self) {
@@ -789,12 +696,40 @@ fn log_audio(reports: Vec<AudioReport>) {
     }
 }
 
-fn error_from(e: &crate::tasks::TaskError) -> Value {
-    let mut v = tools::task_error(e);
-    let reason = v.get("reason").cloned().unwrap_or(Value::Null);
-    v["ok"] = json!(false);
-    v["error"] = reason;
-    v
+/// What only the daemon knows, for `walkie ctl status`.
+fn vitals(
+    link: &Option<Link>,
+    link_off: &Option<(&'static str, String)>,
+    audio: Option<&Audio>,
+    now: Instant,
+    started: Instant,
+    shutting_down: bool,
+) -> Vitals {
+    let (link, link_error) = match (link, link_off) {
+        (Some(link), _) => {
+            let state = match link.status() {
+                LinkStatus::Disabled => "disabled",
+                LinkStatus::Connecting => "connecting",
+                LinkStatus::Connected => "connected",
+                LinkStatus::Backoff { .. } => "backoff",
+                LinkStatus::Failed => "failed",
+            };
+            (state, link.last_error().map(str::to_string))
+        }
+        (None, Some((state, why))) => (*state, Some(why.clone())),
+        (None, None) => ("disabled", None),
+    };
+    let audio = match audio {
+        Some(a) => serde_json::to_value(a.status()).unwrap_or(Value::Null),
+        None => json!({"state": "disabled"}),
+    };
+    Vitals {
+        link,
+        link_error,
+        audio,
+        uptime_s: now.saturating_duration_since(started).as_secs(),
+        shutting_down,
+    }
 }
 
 fn engine_settings(config: &Config, paths: &Paths) -> EngineSettings {
