@@ -102,8 +102,6 @@ struct Daemon {
     state_dirty: bool,
     /// The registry changed since the conversation core was last told its summary.
     task_summary_stale: bool,
-    capturing: bool,
-    samples: Vec<i16>,
     ready: Vec<Event>,
 }
 
@@ -192,8 +190,6 @@ impl Daemon {
             force_killed: false,
             state_dirty: true,
             task_summary_stale: false,
-            capturing: false,
-            samples: Vec::with_capacity(24_000),
             ready: Vec::with_capacity(256),
         };
         daemon
@@ -410,17 +406,14 @@ impl Daemon {
         self.conv.handle_button(now, pressed, progress);
     }
 
+    /// Hands what the microphone captured during a talk to the conversation core.
     fn feed_capture(&mut self, now: Instant) {
-        if !self.capturing {
-            return;
-        }
         let Some(audio) = self.audio.as_mut() else {
             return;
         };
-        self.samples.clear();
-        audio.read_capture(now, &mut self.samples);
-        if !self.samples.is_empty() {
-            self.conv.handle_audio_input(now, &self.samples);
+        let samples = audio.captured(now);
+        if !samples.is_empty() {
+            self.conv.handle_audio_input(now, samples);
         }
     }
 
@@ -513,20 +506,16 @@ impl Daemon {
                     }
                 }
                 Action::StartCapture => {
-                    self.capturing = true;
                     if let Some(audio) = self.audio.as_mut() {
-                        audio.set_streaming(true);
-                        self.samples.clear();
-                        audio.take_preroll(now, &mut self.samples);
-                        if !self.samples.is_empty() {
-                            self.conv.handle_audio_input(now, &self.samples);
+                        let preroll = audio.start_capture(now);
+                        if !preroll.is_empty() {
+                            self.conv.handle_audio_input(now, preroll);
                         }
                     }
                 }
                 Action::StopCapture => {
-                    self.capturing = false;
                     if let Some(audio) = self.audio.as_mut() {
-                        audio.set_streaming(false);
+                        audio.stop_capture();
                     }
                 }
                 Action::TranscriptChanged => self.state_dirty = true,

@@ -191,6 +191,9 @@ const ECHO_PAD_AFTER: Duration = Duration::from_millis(50);
 /// The audio engine as the main loop sees it.
 pub struct Audio {
     inner: Inner,
+    /// What [`Audio::start_capture`] and [`Audio::captured`] hand out (reused, no
+    /// allocation per wake-up).
+    outbox: Vec<i16>,
 }
 
 enum Inner {
@@ -272,6 +275,7 @@ impl Audio {
         if settings.backend == AudioBackend::None {
             return Audio {
                 inner: Inner::Disabled { queued: 0 },
+                outbox: Vec::new(),
             };
         }
         let now = Instant::now();
@@ -416,6 +420,8 @@ impl Audio {
                 seen_dropped: 0,
                 last_pump: now,
             })),
+            // A second of speech: what one wake-up hands over at most, in practice.
+            outbox: Vec::with_capacity(SAMPLE_RATE as usize),
         }
     }
 
@@ -501,6 +507,34 @@ impl Audio {
             e.drain_capture();
             out.append(&mut e.live);
         }
+    }
+
+    /// Starts a talk: the microphone streams to the caller from now on. Returns the
+    /// pre-roll (see [`Audio::take_preroll`]); [`Audio::captured`] hands out the live audio
+    /// after it until [`Audio::stop_capture`].
+    pub fn start_capture(&mut self, now: Instant) -> &[i16] {
+        self.set_streaming(true);
+        let mut out = std::mem::take(&mut self.outbox);
+        out.clear();
+        self.take_preroll(now, &mut out);
+        self.outbox = out;
+        &self.outbox
+    }
+
+    /// Ends a talk: nothing more is captured for the caller.
+    pub fn stop_capture(&mut self) {
+        self.set_streaming(false);
+    }
+
+    /// The audio captured since the previous call during a talk; empty outside one.
+    pub fn captured(&mut self, now: Instant) -> &[i16] {
+        let mut out = std::mem::take(&mut self.outbox);
+        out.clear();
+        if matches!(&self.inner, Inner::Running(e) if e.streaming) {
+            self.read_capture(now, &mut out);
+        }
+        self.outbox = out;
+        &self.outbox
     }
 
     /// Queues assistant speech (24 kHz mono) behind what is already queued.
