@@ -1126,6 +1126,14 @@ fn render(ev: &StreamEvent, out: &mut String) {
             writeln!(out, "[walkie: dropped an oversized {len}-byte line]")
         }
         StreamEvent::Malformed { reason } => writeln!(out, "[walkie: unreadable line: {reason}]"),
+        StreamEvent::PermissionRequest(p) => writeln!(out, "[permission] {}?", p.tool_name),
+        StreamEvent::ControlRequest { subtype, .. } => writeln!(out, "[control request] {subtype}"),
+        StreamEvent::ControlCancel { .. } => writeln!(out, "[permission request withdrawn]"),
+        // Receipts, tool ends and state changes say nothing a reader of the log needs.
+        StreamEvent::ToolResult { .. }
+        | StreamEvent::UserReplay { .. }
+        | StreamEvent::ControlResponse { .. }
+        | StreamEvent::SessionState { .. } => Ok(()),
     };
 }
 

@@ -1,6 +1,7 @@
 //! The task engine: agent processes started from the `agent.command` template, supervised
 //! on the poll loop, parsed, summarised, and kept in a registry.
 
+pub mod claude;
 pub mod engine;
 pub mod names;
 pub mod output;

@@ -34,6 +34,10 @@ const DETAIL_MAX: usize = 200;
 const REASON_MAX: usize = 300;
 /// A runaway agent editing thousands of files must not grow the registry without bound.
 const MAX_FILES: usize = 1000;
+/// Longest subtype, tool name or session state kept from a control or system line.
+const SUBTYPE_MAX: usize = 60;
+/// Permission suggestions kept per request (the CLI offers one or two).
+const MAX_SUGGESTIONS: usize = 8;
 
 /// The `result` line: how the agent itself says the run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +51,28 @@ pub struct ResultLine {
     pub duration_ms: Option<u64>,
 }
 
+/// A `can_use_tool` control request (`--permission-prompt-tool stdio`): the agent waits until
+/// a `control_response` with the same `request_id` answers it (CONTROL.md in the fixtures).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermissionRequest {
+    pub request_id: String,
+    pub tool_name: String,
+    /// The tool input as the agent sent it (`command` for Bash, `file_path` for Write, …);
+    /// echoed back as `updatedInput` when allowed. NOT redacted.
+    pub input: serde_json::Value,
+    /// The `tool_use` block this request is about.
+    pub tool_use_id: Option<String>,
+    /// The CLI's own one-line description (Bash: the command's description; Write: the path).
+    pub description: Option<String>,
+    /// Why the CLI asks (e.g. "Path is outside allowed working directories").
+    pub decision_reason: Option<String>,
+    pub blocked_path: Option<String>,
+    /// Rules the CLI offers for "always"; echoed back in `updatedPermissions`.
+    pub suggestions: Vec<serde_json::Value>,
+}
+
 /// What one stdout line meant. Lines of no interest (system notices other than the first
-/// session id, `user` tool results, partial `stream_event`s, unknown types) yield nothing.
+/// session id and the session state, partial `stream_event`s, unknown types) yield nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     /// First time a session id is seen (normally the `system`/`init` line; with
@@ -62,7 +86,30 @@ pub enum StreamEvent {
         name: String,
         file_path: Option<String>,
         detail: String,
+        /// The block's `id`, which the matching [`StreamEvent::ToolResult`] names.
+        id: Option<String>,
     },
+    /// A `tool_result` block in a `user` line: the tool use `tool_use_id` is over.
+    ToolResult { tool_use_id: String, is_error: bool },
+    /// One of our own user messages echoed back (`--replay-user-messages`, `isReplay:true`):
+    /// the agent has taken in the message we sent with this `uuid`.
+    UserReplay { uuid: String },
+    /// The agent asks whether it may use a tool (boxed: the request carries JSON values).
+    PermissionRequest(Box<PermissionRequest>),
+    /// Any other `control_request` (or a `can_use_tool` too broken to ask about): the agent
+    /// waits for an answer, so it must get one (an error response).
+    ControlRequest { request_id: String, subtype: String },
+    /// `control_cancel_request`: the agent withdrew its request `request_id`.
+    ControlCancel { request_id: String },
+    /// The agent's answer to one of our control requests (e.g. `interrupt`); `error` is
+    /// set when it refused.
+    ControlResponse {
+        request_id: String,
+        error: Option<String>,
+    },
+    /// `system`/`session_state_changed` (with `CLAUDE_CODE_EMIT_SESSION_STATE_EVENTS=1`):
+    /// `running` or `idle`.
+    SessionState { state: String },
     /// The `result` line.
     Result(ResultLine),
     /// A non-JSON line (agents without stream-json), without its line ending.
@@ -213,7 +260,7 @@ impl StreamParser {
         match body.as_bytes().first() {
             None => {}
             Some(b'{') => match serde_json::from_str::<RawLine>(body) {
-                Ok(raw) => self.handle_json(raw, out),
+                Ok(raw) => self.handle_json(raw, body, out),
                 // Valid JSON up to a value of the wrong shape (`{}`, `{"type":5}`).
                 Err(error) if error.is_data() => out.push(StreamEvent::Malformed {
                     reason: error.to_string(),
@@ -252,7 +299,8 @@ impl StreamParser {
         out.push(StreamEvent::Plain(text.to_owned()));
     }
 
-    fn handle_json(&mut self, raw: RawLine<'_>, out: &mut Vec<StreamEvent>) {
+    /// `body` is the line's text, for the rare control lines read in full.
+    fn handle_json(&mut self, raw: RawLine<'_>, body: &str, out: &mut Vec<StreamEvent>) {
         self.saw_json = true;
         if self.session_id.is_none()
             && let Some(id) = raw.session_id.as_str().filter(|id| !id.is_empty())
@@ -282,6 +330,40 @@ impl StreamParser {
                         _ => {}
                     }
                 }
+            }
+            "user" => {
+                if raw.is_replay.as_bool() == Some(true) {
+                    if let Some(uuid) = raw.uuid.as_str().filter(|u| !u.is_empty()) {
+                        out.push(StreamEvent::UserReplay {
+                            uuid: uuid.to_owned(),
+                        });
+                    }
+                    return;
+                }
+                let Some(message) = raw.message.0 else { return };
+                for block in message.content.0.into_iter().filter_map(|b| b.0) {
+                    if block.kind.as_str() == Some("tool_result")
+                        && let Some(id) = block.tool_use_id.as_str().filter(|id| !id.is_empty())
+                    {
+                        out.push(StreamEvent::ToolResult {
+                            tool_use_id: id.to_owned(),
+                            // The Write fixture's result has no is_error at all: a success.
+                            is_error: block.is_error.as_bool().unwrap_or(false),
+                        });
+                    }
+                }
+            }
+            "system" => {
+                if raw.subtype.as_str() == Some("session_state_changed")
+                    && let Some(state) = raw.state.as_str().filter(|s| !s.is_empty())
+                {
+                    out.push(StreamEvent::SessionState {
+                        state: shorten(state, SUBTYPE_MAX),
+                    });
+                }
+            }
+            "control_request" | "control_cancel_request" | "control_response" => {
+                handle_control(&raw.kind, body, out);
             }
             "result" => {
                 let subtype = raw.subtype.as_str().unwrap_or_default().to_owned();
@@ -342,7 +424,89 @@ impl StreamParser {
             name: name.to_owned(),
             file_path: file_path.map(str::to_owned),
             detail: shorten(&detail, DETAIL_MAX),
+            id: block
+                .id
+                .as_str()
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned),
         });
+    }
+}
+
+/// The control protocol's lines (`--input-format stream-json`). They are rare (a few per
+/// turn at most), so they are read into a `serde_json::Value` whole: the permission request's
+/// `input` and `permission_suggestions` must be echoed back as they came.
+fn handle_control(kind: &str, body: &str, out: &mut Vec<StreamEvent>) {
+    use serde_json::Value;
+    let value: Value = match serde_json::from_str(body) {
+        Ok(value) => value,
+        Err(error) => {
+            out.push(StreamEvent::Malformed {
+                reason: error.to_string(),
+            });
+            return;
+        }
+    };
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    let missing_id = |what: &str| StreamEvent::Malformed {
+        reason: format!("a {what} without a request_id"),
+    };
+    match kind {
+        "control_request" => {
+            let Some(request_id) = text(&value["request_id"]) else {
+                out.push(missing_id(kind));
+                return;
+            };
+            let request = &value["request"];
+            let subtype = shorten(request["subtype"].as_str().unwrap_or_default(), SUBTYPE_MAX);
+            match text(&request["tool_name"]) {
+                Some(tool_name) if subtype == "can_use_tool" => {
+                    let suggestions = request["permission_suggestions"]
+                        .as_array()
+                        .map(|all| all.iter().take(MAX_SUGGESTIONS).cloned().collect())
+                        .unwrap_or_default();
+                    out.push(StreamEvent::PermissionRequest(Box::new(
+                        PermissionRequest {
+                            request_id,
+                            tool_name: shorten(&tool_name, SUBTYPE_MAX),
+                            input: request["input"].clone(),
+                            tool_use_id: text(&request["tool_use_id"]),
+                            description: text(&request["description"]),
+                            decision_reason: text(&request["decision_reason"]),
+                            blocked_path: text(&request["blocked_path"]),
+                            suggestions,
+                        },
+                    )));
+                }
+                // Without a tool name there is nothing to ask the user: it is answered with
+                // an error like any request walkie does not handle.
+                _ => out.push(StreamEvent::ControlRequest {
+                    request_id,
+                    subtype,
+                }),
+            }
+        }
+        "control_cancel_request" => match text(&value["request_id"]) {
+            Some(request_id) => out.push(StreamEvent::ControlCancel { request_id }),
+            None => out.push(missing_id(kind)),
+        },
+        _ => {
+            let response = &value["response"];
+            let Some(request_id) = text(&response["request_id"]) else {
+                out.push(missing_id(kind));
+                return;
+            };
+            let error = match response["subtype"].as_str() {
+                Some("success") => None,
+                _ => Some(shorten(
+                    response["error"]
+                        .as_str()
+                        .unwrap_or("the agent refused the request"),
+                    REASON_MAX,
+                )),
+            };
+            out.push(StreamEvent::ControlResponse { request_id, error });
+        }
     }
 }
 
@@ -373,7 +537,7 @@ fn find_newline(haystack: &[u8]) -> Option<usize> {
 }
 
 /// Whitespace collapsed to single spaces, cut to `max` chars with "…".
-fn shorten(text: &str, max: usize) -> String {
+pub(crate) fn shorten(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     let mut chars = 0;
     for word in text.split_whitespace() {
@@ -517,6 +681,14 @@ struct RawLine<'a> {
     total_cost_usd: Scalar<'a>,
     #[serde(default, borrow)]
     duration_ms: Scalar<'a>,
+    #[serde(default, borrow)]
+    uuid: Scalar<'a>,
+    /// `true` on a user message echoed back by `--replay-user-messages`.
+    #[serde(rename = "isReplay", default, borrow)]
+    is_replay: Scalar<'a>,
+    /// `system`/`session_state_changed`: `running` or `idle`.
+    #[serde(default, borrow)]
+    state: Scalar<'a>,
 }
 
 #[derive(Deserialize)]
@@ -536,6 +708,14 @@ struct RawBlock<'a> {
     name: Scalar<'a>,
     #[serde(default, borrow)]
     input: Lenient<ToolInput<'a>>,
+    /// A `tool_use` block's id.
+    #[serde(default, borrow)]
+    id: Scalar<'a>,
+    /// A `tool_result` block's fields.
+    #[serde(default, borrow)]
+    tool_use_id: Scalar<'a>,
+    #[serde(default, borrow)]
+    is_error: Scalar<'a>,
 }
 
 /// The tool input fields worth a short description; `content`, `old_string` and the like
@@ -847,6 +1027,7 @@ mod tests {
                     name,
                     file_path,
                     detail,
+                    ..
                 } => Some((name.as_str(), file_path.as_deref(), detail.as_str())),
                 _ => None,
             })
@@ -1112,6 +1293,329 @@ mod tests {
         assert!(!result.is_error);
         assert_eq!(events.len(), 2, "{events:?}"); // Session + Result
         assert_eq!(verdict, Verdict::Succeeded);
+    }
+
+    fn results(events: &[StreamEvent]) -> Vec<&ResultLine> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::Result(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn permission_requests(events: &[StreamEvent]) -> Vec<&PermissionRequest> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::PermissionRequest(p) => Some(&**p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn tool_use_ids(events: &[StreamEvent]) -> Vec<&str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ToolUse { id, .. } => id.as_deref(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn tool_results(events: &[StreamEvent]) -> Vec<(&str, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::ToolResult {
+                    tool_use_id,
+                    is_error,
+                } => Some((tool_use_id.as_str(), *is_error)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Events of the kept-open protocol only, in order, as short strings.
+    fn control_events(events: &[StreamEvent]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                StreamEvent::PermissionRequest(p) => {
+                    Some(format!("ask {} {}", p.tool_name, p.request_id))
+                }
+                StreamEvent::ControlRequest {
+                    request_id,
+                    subtype,
+                } => Some(format!("request {subtype} {request_id}")),
+                StreamEvent::ControlCancel { request_id } => Some(format!("cancel {request_id}")),
+                StreamEvent::ControlResponse { request_id, error } => {
+                    Some(format!("response {request_id} {error:?}"))
+                }
+                StreamEvent::UserReplay { uuid } => Some(format!("replay {uuid}")),
+                StreamEvent::SessionState { state } => Some(format!("state {state}")),
+                StreamEvent::Result(r) => Some(format!("result {}", r.subtype)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fixture_perm_allow_bash() {
+        let (_, events, verdict) = parse_fixture("perm-allow");
+        no_malformed(&events);
+        let asks = permission_requests(&events);
+        assert_eq!(asks.len(), 1);
+        let ask = asks[0];
+        assert_eq!(ask.request_id, "ffcb3ab7-0c53-4cdb-b3d3-0746b71d1fa8");
+        assert_eq!(ask.tool_name, "Bash");
+        assert_eq!(
+            ask.input["command"],
+            "echo hi from bash > bash.txt && cat bash.txt"
+        );
+        assert_eq!(ask.description.as_deref(), Some("Write bash.txt"));
+        assert_eq!(ask.blocked_path.as_deref(), Some("/home/user/cwd/bash.txt"));
+        assert_eq!(ask.decision_reason, None);
+        assert_eq!(ask.suggestions.len(), 2);
+        assert_eq!(ask.suggestions[0]["type"], "addRules");
+        // The request, the tool use and its result name the same tool_use id.
+        let id = ask.tool_use_id.as_deref().unwrap();
+        assert_eq!(tool_use_ids(&events), [id]);
+        assert_eq!(tool_results(&events), [(id, false)]);
+        assert_eq!(
+            control_events(&events),
+            [
+                "ask Bash ffcb3ab7-0c53-4cdb-b3d3-0746b71d1fa8",
+                "result success"
+            ]
+        );
+        assert_eq!(verdict, Verdict::Succeeded);
+    }
+
+    #[test]
+    fn fixture_perm_write_outside_the_cwd() {
+        let (parser, events, _) = parse_fixture("perm-write-allow");
+        no_malformed(&events);
+        let ask = permission_requests(&events)[0];
+        assert_eq!(ask.tool_name, "Write");
+        assert_eq!(
+            ask.input["file_path"],
+            "/tmp/fake-outside-813a71cf/outside.txt"
+        );
+        assert_eq!(
+            ask.decision_reason.as_deref(),
+            Some("Path is outside allowed working directories")
+        );
+        assert_eq!(ask.blocked_path, None);
+        assert_eq!(ask.suggestions[0]["type"], "addDirectories");
+        // A Write's result carries no is_error: it succeeded.
+        assert_eq!(
+            tool_results(&events),
+            [(ask.tool_use_id.as_deref().unwrap(), false)]
+        );
+        assert_eq!(
+            parser.files_changed(),
+            ["/tmp/fake-outside-813a71cf/outside.txt"]
+        );
+    }
+
+    #[test]
+    fn fixture_perm_deny_and_deny_interrupt() {
+        let (_, events, _) = parse_fixture("perm-deny");
+        no_malformed(&events);
+        let id = permission_requests(&events)[0].tool_use_id.clone().unwrap();
+        assert_eq!(tool_results(&events), [(id.as_str(), true)]);
+        assert_eq!(results(&events)[0].subtype, "success");
+
+        let (_, events, _) = parse_fixture("perm-deny-interrupt");
+        no_malformed(&events);
+        let id = permission_requests(&events)[0].tool_use_id.clone().unwrap();
+        assert_eq!(tool_results(&events), [(id.as_str(), true)]);
+        assert_eq!(results(&events)[0].subtype, "error_during_execution");
+    }
+
+    #[test]
+    fn fixture_perm_unanswered_is_withdrawn_by_the_interrupt() {
+        let (_, events, _) = parse_fixture("perm-unanswered");
+        no_malformed(&events);
+        assert_eq!(
+            control_events(&events),
+            [
+                "ask Bash b0559178-2985-41da-8293-e9236042df3e",
+                "cancel b0559178-2985-41da-8293-e9236042df3e",
+                "response int-perm None",
+                "result error_during_execution"
+            ]
+        );
+        assert!(tool_results(&events)[0].1, "rejected");
+    }
+
+    #[test]
+    fn fixture_interrupts_are_answered_and_the_process_stays() {
+        let (parser, events, _) = parse_fixture("interrupt-tool");
+        no_malformed(&events);
+        assert_eq!(
+            control_events(&events),
+            [
+                "response r1 None",
+                "result error_during_execution",
+                "result success"
+            ]
+        );
+        // The interrupted Bash call ends with a rejected result; the next turn answers.
+        let id = tool_use_ids(&events)[0];
+        assert_eq!(tool_results(&events), [(id, true)]);
+        assert_eq!(
+            parser.result().unwrap().text.as_deref(),
+            Some("Done sleeping.")
+        );
+
+        let (_, events, _) = parse_fixture("interrupt-stream");
+        no_malformed(&events);
+        assert_eq!(
+            control_events(&events),
+            [
+                "response int-1 None",
+                "result error_during_execution",
+                "response int-idle None"
+            ]
+        );
+        assert_eq!(
+            results(&events)[0].text,
+            None,
+            "an interrupted turn has no result text"
+        );
+    }
+
+    #[test]
+    fn fixture_progress_replays_our_uuids_at_the_tool_boundary() {
+        let (_, events, verdict) = parse_fixture("progress");
+        no_malformed(&events);
+        let first = "00000000-0000-4000-8000-000000000001";
+        let second = "00000000-0000-4000-8000-000000000002";
+        assert_eq!(
+            control_events(&events),
+            [
+                "state running".to_owned(),
+                format!("replay {first}"),
+                format!("replay {second}"),
+                "result success".to_owned(),
+                "state idle".to_owned(),
+            ]
+        );
+        // The steering message is taken in after the Bash step's result, not before.
+        let at = |wanted: &dyn Fn(&StreamEvent) -> bool| events.iter().position(wanted).unwrap();
+        let tool_result = at(&|e| matches!(e, StreamEvent::ToolResult { .. }));
+        let replay = at(&|e| matches!(e, StreamEvent::UserReplay { uuid } if uuid == second));
+        assert!(tool_result < replay);
+        assert_eq!(tool_uses(&events)[0].0, "Bash");
+        assert_eq!(verdict, Verdict::Succeeded);
+    }
+
+    #[test]
+    fn fixture_steering_gives_one_or_two_results() {
+        for (case, turns) in [("steer", 1), ("steer-now", 2), ("steer-queued-text", 2)] {
+            let (_, events, verdict) = parse_fixture(case);
+            no_malformed(&events);
+            let results = results(&events);
+            assert_eq!(results.len(), turns, "{case}");
+            assert!(results.iter().all(|r| !r.is_error), "{case}");
+            assert_eq!(verdict, Verdict::Succeeded, "{case}");
+        }
+        // "priority":"now" ends the running turn at the tool boundary with an empty result.
+        let (_, events, _) = parse_fixture("steer-now");
+        assert_eq!(results(&events)[0].text.as_deref(), Some(""));
+        assert!(
+            results(&events)[1]
+                .text
+                .as_deref()
+                .unwrap()
+                .contains("WALKIE_STOP")
+        );
+    }
+
+    #[test]
+    fn broken_control_lines() {
+        let input = concat!(
+            r#"{"type":"control_request","request":{"subtype":"can_use_tool","tool_name":"Bash"}}"#,
+            "\n",
+            r#"{"type":"control_request","request_id":"a","request":{"subtype":"can_use_tool"}}"#,
+            "\n",
+            r#"{"type":"control_request","request_id":"b","request":{"subtype":"hook_callback","callback_id":"x"}}"#,
+            "\n",
+            r#"{"type":"control_request","request_id":"c","request":"not an object"}"#,
+            "\n",
+            r#"{"type":"control_cancel_request"}"#,
+            "\n",
+            r#"{"type":"control_response","response":{"subtype":"error","request_id":"d","error":"no such request"}}"#,
+            "\n",
+            r#"{"type":"control_response","response":{"subtype":"odd","request_id":"e"}}"#,
+            "\n",
+            r#"{"type":"control_response","response":7}"#,
+            "\n",
+            r#"{"type":"control_request","request_id":"f","request":{"subtype":"can_use_tool","tool_name":"Bash","input":"rm","permission_suggestions":{"x":1}}}"#,
+            "\n",
+            r#"{"type":"user","isReplay":true,"message":{"role":"user","content":"hi"}}"#,
+            "\n",
+            r#"{"type":"user","message":{"content":[{"type":"tool_result","content":"x"},{"type":"tool_result","tool_use_id":"t1","is_error":"yes"}]}}"#,
+            "\n",
+            r#"{"type":"system","subtype":"session_state_changed","state":{"deep":1}}"#,
+            "\n",
+        );
+        let (_, events) = parse_all(input.as_bytes());
+        let malformed = |e: &StreamEvent| matches!(e, StreamEvent::Malformed { reason } if reason.contains("request_id"));
+        assert!(malformed(&events[0]), "{:?}", events[0]);
+        assert_eq!(
+            events[1..3],
+            [
+                StreamEvent::ControlRequest {
+                    request_id: "a".into(),
+                    subtype: "can_use_tool".into()
+                },
+                StreamEvent::ControlRequest {
+                    request_id: "b".into(),
+                    subtype: "hook_callback".into()
+                },
+            ]
+        );
+        assert_eq!(
+            events[3],
+            StreamEvent::ControlRequest {
+                request_id: "c".into(),
+                subtype: String::new()
+            }
+        );
+        assert!(malformed(&events[4]), "{:?}", events[4]);
+        assert_eq!(
+            events[5],
+            StreamEvent::ControlResponse {
+                request_id: "d".into(),
+                error: Some("no such request".into())
+            }
+        );
+        assert_eq!(
+            events[6],
+            StreamEvent::ControlResponse {
+                request_id: "e".into(),
+                error: Some("the agent refused the request".into())
+            }
+        );
+        assert!(malformed(&events[7]), "{:?}", events[7]);
+        let StreamEvent::PermissionRequest(odd) = &events[8] else {
+            panic!("{:?}", events[8])
+        };
+        assert_eq!(odd.input, "rm");
+        assert!(odd.suggestions.is_empty());
+        // A replay without a uuid and a result without a tool_use_id name nothing.
+        assert_eq!(
+            events[9..],
+            [StreamEvent::ToolResult {
+                tool_use_id: "t1".into(),
+                is_error: false
+            }]
+        );
     }
 
     #[test]
