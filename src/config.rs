@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fmt;
-use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::os::unix::fs::PermissionsExt;
@@ -249,6 +248,17 @@ pub enum KeyError {
     EnvMalformed { var: String },
 }
 
+impl KeyError {
+    /// A key was configured but cannot be used (a key file that is missing, open to others,
+    /// not a regular file or not a key; a variable holding control characters, spaces or
+    /// non-ASCII): a configuration error, so `walkie run` refuses to start (exit 2) and
+    /// `walkie doctor` fails. Only an unset variable is not: walkie then runs without a voice
+    /// and says why in `walkie ctl status`.
+    pub fn is_config_error(&self) -> bool {
+        !matches!(self, KeyError::EnvUnset { .. })
+    }
+}
+
 /// Why a Realtime endpoint URL was refused. Messages never repeat the URL: it may carry
 /// a secret in its query.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -389,6 +399,9 @@ const RANGES: &[(&str, i64, i64)] = &[
 /// Tables whose keys are the user's (project names, variable names); values are strings.
 const FREE_TABLES: &[&str] = &["projects", "agent.env_set"];
 
+/// The largest configuration file walkie reads (a real one is a few KB).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Variable that must never reach an agent, whatever `api_key_env` says.
 const OPENAI_KEY_VAR: &str = "OPENAI_API_KEY";
 
@@ -518,12 +531,14 @@ impl Config {
         }
     }
 
-    /// Reads and parses the file at `path`.
+    /// Reads and parses the file at `path` (a regular file of at most [`MAX_FILE_BYTES`]:
+    /// a FIFO or a device there is refused at once, never waited on or read forever).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            crate::files::read_capped(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         match String::from_utf8(bytes) {
             Ok(text) => Config::parse(&text, path),
             Err(e) => {
@@ -572,6 +587,23 @@ impl Config {
             Err(malformed())
         } else {
             Ok(key.to_string())
+        }
+    }
+
+    /// The key the Realtime link sends, checked as `walkie run` and `walkie doctor` both
+    /// need it: `Ok(None)` when none is needed (the link is disabled, or the endpoint is a
+    /// loopback stand-in and no key is set); an error otherwise when no usable key is there
+    /// ([`KeyError::is_config_error`] tells a bad key from a missing one).
+    pub fn link_api_key(&self) -> Result<Option<String>, KeyError> {
+        if self.realtime_url().is_none() {
+            return Ok(None);
+        }
+        let loopback = Endpoint::parse(&self.realtime.url).is_ok_and(|e| e.is_loopback());
+        match self.api_key() {
+            Ok(key) => Ok(Some(key)),
+            // Local stand-ins (the demo, tests) need no key.
+            Err(KeyError::EnvUnset { .. }) if loopback => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -808,27 +840,24 @@ fn read_key_file(path: &Path) -> Result<String, KeyError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let mode = file.metadata().map_err(unreadable)?.permissions().mode();
+    let (file, meta) = crate::files::open_regular(path).map_err(unreadable)?;
+    let mode = meta.permissions().mode();
     if mode & 0o044 != 0 {
         return Err(KeyError::FileTooOpen {
             path: path.to_path_buf(),
             mode: mode & 0o7777,
         });
     }
-    // A key is a few hundred bytes; the limit keeps a mistaken path (a device, a big file)
-    // from being read whole.
+    // A key is a few hundred bytes; the limit keeps a mistaken path (a big file) from
+    // being read whole.
     const LIMIT: u64 = 4096;
-    let mut bytes = Vec::new();
-    file.take(LIMIT + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
     let malformed = || KeyError::FileMalformed {
         path: path.to_path_buf(),
     };
-    if bytes.len() as u64 > LIMIT {
-        return Err(malformed());
-    }
+    let bytes = match crate::files::read_opened(file, LIMIT) {
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => return Err(malformed()),
+        other => other.map_err(unreadable)?,
+    };
     let text = String::from_utf8(bytes).map_err(|_| malformed())?;
     let key = text.trim();
     if key.is_empty() {

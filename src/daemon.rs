@@ -55,6 +55,14 @@ pub fn run(config_path: Option<PathBuf>, trace_path: Option<PathBuf>) -> i32 {
             return crate::cli::EXIT_USAGE;
         }
     };
+    // A key that is there but unusable (a CR/LF, non-ASCII, a FIFO for a file) is a
+    // configuration error: refused now, not discovered as a link that never authenticates.
+    if let Err(e) = config.link_api_key() {
+        if e.is_config_error() {
+            eprintln!("walkie: {e}");
+            return crate::cli::EXIT_USAGE;
+        }
+    }
     match Daemon::build(config, source, config_path, paths, trace_path, started) {
         Ok(mut daemon) => match daemon.run_loop() {
             Ok(()) => crate::cli::EXIT_OK,
@@ -116,6 +124,9 @@ impl Daemon {
     ) -> Result<Daemon, BuildError> {
         let fail =
             |what: &str, e: &dyn std::fmt::Display| BuildError::Failure(format!("{what}: {e}"));
+        paths
+            .ensure_private_dirs()
+            .map_err(|e| BuildError::Failure(e.to_string()))?;
         let control = ControlServer::bind(&paths.runtime_dir).map_err(|e| match e {
             e @ StartupError::AlreadyRunning { .. } => BuildError::Failure(e.to_string()),
             e => fail("cannot create the control socket", &e),
@@ -753,13 +764,8 @@ fn build_link(
     let Some(url) = config.realtime_url() else {
         return (None, Some(("disabled", "realtime.url is \"none\"".into())));
     };
-    let loopback = crate::config::Endpoint::parse(&config.realtime.url)
-        .map(|e| e.is_loopback())
-        .unwrap_or(false);
-    let api_key = match config.api_key() {
-        Ok(k) => Some(k),
-        // Local stand-ins (the demo, tests) need no key.
-        Err(_) if loopback => None,
+    let api_key = match config.link_api_key() {
+        Ok(key) => key,
         Err(e) => return (None, Some(("failed", format!("no API key: {e}")))),
     };
     let ca_file = Some(config.realtime.ca_file.trim())

@@ -31,18 +31,19 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
             return crate::cli::EXIT_USAGE;
         }
     };
-    match (config.realtime_url(), config.api_key()) {
+    match (config.realtime_url(), config.link_api_key()) {
         (None, _) => line(
             true,
             "realtime link",
             "disabled (realtime.url = \"none\")".into(),
         ),
-        (Some(url), Ok(_)) => line(true, "realtime link", format!("{url}, API key found")),
-        (Some(url), Err(e)) => {
-            let loopback =
-                crate::config::Endpoint::parse(&config.realtime.url).is_ok_and(|e| e.is_loopback());
-            line(loopback, "realtime link", format!("{url}: {e}"))
-        }
+        (Some(url), Ok(Some(_))) => line(true, "realtime link", format!("{url}, API key found")),
+        (Some(url), Ok(None)) => line(
+            true,
+            "realtime link",
+            format!("{url}, a loopback endpoint: no API key needed"),
+        ),
+        (Some(url), Err(e)) => line(false, "realtime link", format!("{url}: {e}")),
     }
     let program = config.agent.command.first().cloned().unwrap_or_default();
     let found = which(&program);

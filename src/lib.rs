@@ -18,6 +18,7 @@ pub mod conversation;
 pub mod daemon;
 pub mod devices;
 pub mod doctor;
+pub mod files;
 pub mod logging;
 pub mod paths;
 pub mod reactor;

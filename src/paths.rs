@@ -65,6 +65,15 @@ impl Paths {
     pub fn lock_file(&self) -> PathBuf {
         self.runtime_dir.join("walkie.lock")
     }
+
+    /// Creates walkie's own directories (state, data, runtime) or checks the ones that
+    /// exist: 0700, of this user, not links (see [`crate::files::ensure_private_dir`]).
+    pub fn ensure_private_dirs(&self) -> Result<(), crate::files::DirError> {
+        for dir in [&self.state_dir, &self.data_dir, &self.runtime_dir] {
+            crate::files::ensure_private_dir(dir)?;
+        }
+        Ok(())
+    }
 }
 
 /// Expands a leading `~/` (or a lone `~`) against `$HOME`.

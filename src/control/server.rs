@@ -8,7 +8,7 @@
 //! and flushed on WRITABLE, with a bound so a stuck client cannot grow memory.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,9 @@ pub enum StartupError {
     AlreadyRunning { holder: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The runtime directory is someone else's, or a link: the user fixes it.
+    #[error(transparent)]
+    Dir(#[from] crate::files::DirError),
 }
 
 /// What a connection is streaming besides replies.
@@ -78,19 +81,11 @@ impl ControlServer {
             let path = path.to_path_buf();
             move |source| StartupError::Io { path, source }
         };
-        crate::paths::create_private_dir(runtime_dir).map_err(io_err(runtime_dir))?;
         // The directory may predate us with looser permissions: the socket's privacy
         // rests on it.
-        std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io_err(runtime_dir))?;
+        crate::files::ensure_private_dir(runtime_dir)?;
         let lock_path = runtime_dir.join("walkie.lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let file = crate::files::open_private(&lock_path).map_err(io_err(&lock_path))?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {

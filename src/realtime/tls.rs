@@ -39,6 +39,9 @@ pub enum TlsConfigError {
     ServerName(String),
 }
 
+/// The largest CA file read (the system bundle of all public roots is about 200 KB).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// The client configuration: the ring provider (half the build time and binary of
 /// aws-lc-rs), the webpki roots, and every certificate in `ca_file` as an extra anchor.
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigError> {
@@ -49,8 +52,11 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsCon
             path: path.to_path_buf(),
             reason,
         };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_error(e.to_string()))?
+        // Read through the one safe-open helper: a FIFO or a device named here is refused
+        // at once instead of blocking the loop, and a bundle is read up to a cap.
+        let pem = crate::files::read_capped(path, MAX_CA_FILE_BYTES)
+            .map_err(|e| ca_error(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ca_error(e.to_string()))?;
         let (added, _ignored) = roots.add_parsable_certificates(certs);
