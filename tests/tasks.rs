@@ -63,9 +63,16 @@ fn start_finish_result() {
         w.path("state/walkie/tasks/flaky-test/stdout.jsonl")
             .exists()
     );
-    let state = w.state_json();
+    // The state writer runs on its own thread: wait for its save of the finished task.
+    let mut state = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            state = w.state_json();
+            state["tasks"][0]["state"] == "succeeded"
+        }),
+        "{state}"
+    );
     assert_eq!(state["tasks"][0]["name"], "flaky-test");
-    assert_eq!(state["tasks"][0]["state"], "succeeded");
 }
 
 #[test]
