@@ -97,6 +97,8 @@ fn a_corrupt_state_file_is_moved_aside_and_the_daemon_starts() {
     )
     .unwrap();
     w.start();
+    // The socket accepts from the moment it is bound, before the state file is read.
+    w.ctl_json(&["status"]);
     assert!(w.log().contains("moved to"), "{}", w.log());
     let aside: Vec<_> = std::fs::read_dir(w.path("state/walkie"))
         .unwrap()

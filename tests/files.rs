@@ -54,6 +54,13 @@ fn run_within(w: &Walkie, args: &[&str]) -> Option<(i32, String)> {
     ))
 }
 
+/// Starts walkie and waits until its loop answers: the socket accepts connections from the
+/// moment it is bound, before the state file is read.
+fn started(w: &mut Walkie) {
+    w.start();
+    w.ctl_json(&["status"]);
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -67,7 +74,7 @@ fn a_link_planted_at_the_state_temporary_is_never_followed() {
     let target = w.path("precious.txt");
     std::fs::write(&target, "precious").unwrap();
     std::os::unix::fs::symlink(&target, state_dir(&w).join("state.json.tmp")).unwrap();
-    w.start();
+    started(&mut w);
     let name = w.start_task(&["@sleep=0"]);
     w.wait_finished(&name, T);
     assert!(
@@ -100,7 +107,7 @@ fn walkies_own_directories_are_made_private_and_a_strangers_is_refused() {
         std::fs::create_dir_all(w.path(d)).unwrap();
         std::fs::set_permissions(w.path(d), std::fs::Permissions::from_mode(0o777)).unwrap();
     }
-    w.start();
+    started(&mut w);
     for d in dirs {
         assert_eq!(mode_of(&w.path(d)), 0o700, "{d}");
     }
@@ -181,7 +188,7 @@ fn a_fifo_or_a_device_as_the_state_file_is_moved_aside_and_the_daemon_starts() {
             mkfifo(&state_dir(&w).join("state.json"));
         }
         // It must come up (not hang on the open or read /dev/zero forever).
-        w.start();
+        started(&mut w);
         let what = if device { "character device" } else { "FIFO" };
         assert!(
             w.log().contains(what) && w.log().contains("moved to"),
@@ -232,7 +239,7 @@ fn a_fifo_as_the_api_key_file_or_the_ca_file_is_refused_at_once() {
     let config = w.realtime_config(&fake, "", "");
     let cert = fake.cert.as_ref().unwrap().display().to_string();
     w.write_config(&config.replace(&cert, fifo.to_str().unwrap()));
-    w.start();
+    started(&mut w);
     let mut st = Value::Null;
     assert!(
         wait_until(T, || {
@@ -256,7 +263,7 @@ fn a_huge_state_file_is_not_read_and_nothing_of_it_is_lost() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(100 * 1024 * 1024).unwrap();
     drop(f);
-    w.start();
+    started(&mut w);
     let peak = peak_rss_kib(w.pid());
     assert!(peak < 60 * 1024, "peak RSS {peak} KiB: the file was read");
     assert!(
@@ -275,7 +282,7 @@ fn a_huge_state_file_is_not_read_and_nothing_of_it_is_lost() {
 /// One real task record, as this walkie writes it (so the test follows the record's shape).
 fn a_real_record() -> Value {
     let mut w = Walkie::new();
-    w.start();
+    started(&mut w);
     let name = w.start_task(&["--name", "model", "@sleep=0"]);
     w.wait_finished(&name, T);
     let mut record = Value::Null;
@@ -301,7 +308,7 @@ fn a_long_registry_keeps_the_newest_tasks_and_the_whole_file_aside() {
     let content = json!({"version": 1, "tasks": tasks}).to_string();
     let mut w = Walkie::new();
     std::fs::write(state_dir(&w).join("state.json"), &content).unwrap();
-    w.start();
+    started(&mut w);
     let tasks = w.tasks();
     assert!(
         !tasks.is_empty() && tasks.len() <= 500,
@@ -333,7 +340,7 @@ fn two_corrupt_state_files_never_overwrite_a_moved_aside_one() {
         .unwrap();
     }
     std::fs::write(dir.join("state.json"), "{ this one is broken too").unwrap();
-    w.start();
+    started(&mut w);
     for secs in now.saturating_sub(2)..now + 60 {
         let kept = std::fs::read_to_string(dir.join(format!("state.json.corrupt-{secs}")));
         assert_eq!(
@@ -485,5 +492,5 @@ fn an_api_key_with_control_characters_or_non_ascii_is_a_config_error() {
     w.write_config(&good);
     w.extra_env
         .insert("WALKIE_TEST_KEY".into(), "sk-good-key_123".into());
-    w.start();
+    started(&mut w);
 }
