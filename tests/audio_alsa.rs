@@ -229,7 +229,11 @@ fn capture_from_file_delivers_the_input_exactly_in_order() {
 
 #[test]
 fn preroll_holds_recent_capture_minus_what_the_speaker_drowned() {
-    let mut h = Harness::start(alsa_settings("walkie_capture", "walkie_speaker", false));
+    let mut h = Harness::start(alsa_settings(
+        "walkie_capture",
+        "walkie_speaker_preroll",
+        false,
+    ));
     let input = input_pattern();
     h.until("capture to open", Duration::from_secs(10), |h| {
         h.opened(Which::Capture)
@@ -257,14 +261,20 @@ fn preroll_holds_recent_capture_minus_what_the_speaker_drowned() {
         window[..n] == input[at..at + n],
         "the window is a contiguous stretch of the input"
     );
-    // What the pre-roll returned is not returned again as live audio.
+    // What the pre-roll returned is not returned again as live audio: the live stream
+    // goes on exactly after the window's last sample (an idle capture thread hands over
+    // what it had not read yet as live audio, so nothing is missing either).
     h.audio().set_streaming(true);
     let mut live = Vec::new();
-    h.audio().read_capture(Instant::now(), &mut live);
-    assert!(
-        live.len() < 2 * 240,
-        "{} samples returned twice",
-        live.len()
+    h.until("live audio", Duration::from_secs(10), |h| {
+        h.audio().read_capture(Instant::now(), &mut live);
+        live.len() >= 240
+    });
+    // (Past the end of the input file the microphone hears silence.)
+    let next = input.get(at + window.len()).copied().unwrap_or(0);
+    assert_eq!(
+        live[0], next,
+        "live audio does not continue the window exactly"
     );
     h.audio().set_streaming(false);
 
@@ -427,14 +437,14 @@ fn earcons_are_silent_when_disabled() {
     let elapsed = t0.elapsed();
     let out = read_raw(&speaker_file("speaker_earcons_off"));
     // The file plugin has no clock: the thread holds it to real time (plus its lead of
-    // five periods) and keeps it running with silence.
+    // five periods). With nothing to play it lets the device fall silent and parks, so
+    // the file holds only the silence written around the (muted) request.
     let real_time = elapsed.as_millis() as usize * 24;
     assert!(
         out.len() <= real_time + 6 * 240,
         "{} frames in {elapsed:?}",
         out.len()
     );
-    assert!(out.len() >= 300 * 24, "{} frames in {elapsed:?}", out.len());
     assert!(
         out.iter().all(|s| *s == 0),
         "an earcon played although disabled"

@@ -3,12 +3,22 @@
 //!
 //! Period loop: wait until a period is available (the device's clock, or the pacer for
 //! clockless devices), zero the buffer, read, push into the ring, publish the running frame
-//! count with the time of the period, and wake the main loop when it is streaming. No
-//! allocation, lock, log or syscall other than ALSA, the clock, the waker and the sleep.
-//! A device that goes away is closed and reopened with backoff; playback is unaffected.
+//! count with the capture time of its last frame, and wake the main loop when it is
+//! streaming. No allocation, lock, log or syscall other than ALSA, the clock, the waker and
+//! the sleep. A device that goes away is closed and reopened with backoff; playback is
+//! unaffected.
+//!
+//! Idle: while nobody holds the button and the speaker has been quiet long enough for its
+//! echo to die away, nothing needs the audio at once: the pre-roll only needs it kept. The
+//! thread then lingers [`IDLE_LINGER`] between wake-ups and reads what piled up in the
+//! device in one burst (the capture buffer is sized for it), instead of waking every
+//! period. The main loop unparks it when streaming starts, and the playback thread when
+//! the speaker is about to sound, so it is back to one wake-up per period at once; what it
+//! had not read yet then reaches the main loop within a millisecond, as live audio.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use alsa::Direction;
 use rtrb::Producer;
@@ -28,11 +38,27 @@ pub enum CaptureSource {
     Wav(Option<PathBuf>),
 }
 
+/// How long the idle thread sleeps between bursts. Short enough that the pre-roll taken
+/// at a press already holds most of its window (the rest follows as live audio), long
+/// enough that the thread wakes about a dozen times a second instead of a hundred.
+pub const IDLE_LINGER: Duration = Duration::from_millis(80);
+
+/// The capture buffer asked of ALSA, in frames: three lingers, so a burst read after a
+/// late wake-up still finds everything. Capture latency does not grow with it (a period
+/// is read as soon as it is complete); a device that offers less gets a shorter linger.
+fn capture_buffer_frames(period: usize) -> usize {
+    let linger = (IDLE_LINGER.as_millis() as usize) * SAMPLE_RATE as usize / 1000;
+    (3 * linger).max(4 * period)
+}
+
 pub struct CaptureWorker {
     ctx: ThreadCtx,
     ring: Producer<i16>,
     source: CaptureSource,
     period_frames: usize,
+    /// How long the speaker must have been quiet before the thread may linger: the
+    /// pre-roll's echo padding after an audible span.
+    quiet_guard_ns: u64,
     /// Frames pushed into the ring since start.
     total: u64,
 }
@@ -43,12 +69,14 @@ impl CaptureWorker {
         ring: Producer<i16>,
         source: CaptureSource,
         period_frames: usize,
+        quiet_guard: Duration,
     ) -> CaptureWorker {
         CaptureWorker {
             ctx,
             ring,
             source,
             period_frames,
+            quiet_guard_ns: u64::try_from(quiet_guard.as_nanos()).unwrap_or(u64::MAX),
             total: 0,
         }
     }
@@ -72,13 +100,21 @@ impl CaptureWorker {
     fn open_and_run(&mut self) -> Result<(), String> {
         match self.source.clone() {
             CaptureSource::Alsa(name) => {
-                let alsa = open_alsa(&name, Direction::Capture, self.period_frames)
-                    .map_err(|e| e.to_string())?;
+                let alsa = open_alsa(
+                    &name,
+                    Direction::Capture,
+                    self.period_frames,
+                    capture_buffer_frames(self.period_frames),
+                )
+                .map_err(|e| e.to_string())?;
                 let mut dev = AlsaDevice::new(&alsa.pcm, true)
                     .map_err(|e| format!("capture PCM \"{name}\": {e}"))?;
                 let mut buf = vec![0i16; alsa.period];
                 self.ctx.opened(&name);
-                match self.run_periods(&mut dev, &mut buf) {
+                // Two periods of the buffer stay free for the wake-up's own lateness.
+                let linger = frames_ns(alsa.buffer.saturating_sub(2 * alsa.period))
+                    .min(IDLE_LINGER.as_nanos() as u64);
+                match self.run_periods(&mut dev, &mut buf, linger) {
                     Exit::Gone(errno) => Err(gone_message(&name, errno)),
                     Exit::Stop | Exit::Retry => Ok(()),
                 }
@@ -91,7 +127,7 @@ impl CaptureWorker {
                     None => "silence".to_owned(),
                 };
                 self.ctx.opened(&name);
-                match self.run_periods(&mut dev, &mut buf) {
+                match self.run_periods(&mut dev, &mut buf, IDLE_LINGER.as_nanos() as u64) {
                     Exit::Gone(errno) => Err(gone_message(&name, errno)),
                     Exit::Stop | Exit::Retry => Ok(()),
                 }
@@ -99,13 +135,26 @@ impl CaptureWorker {
         }
     }
 
-    /// The real-time period loop. `buf` is one period.
-    fn run_periods<D: CaptureDevice>(&mut self, dev: &mut D, buf: &mut [i16]) -> Exit {
+    /// The real-time period loop. `buf` is one period; `idle_linger_ns` is how long the
+    /// thread may sleep between bursts while idle.
+    fn run_periods<D: CaptureDevice>(
+        &mut self,
+        dev: &mut D,
+        buf: &mut [i16],
+        idle_linger_ns: u64,
+    ) -> Exit {
         let _rt = sched::enter_real_time();
         let period = buf.len();
         let shared = &*self.ctx.shared;
-        // A clockless device may deliver a period once it has been "recorded".
-        let mut pacer = Pacer::new(shared.now_ns(), SAMPLE_RATE, -(period as i64), MAX_LATE_NS);
+        // A clockless device may deliver a period once it has been "recorded". After an
+        // idle linger the thread is that late on purpose: only lateness beyond it means
+        // the thread was starved and the timeline must be re-anchored.
+        let mut pacer = Pacer::new(
+            shared.now_ns(),
+            SAMPLE_RATE,
+            -(period as i64),
+            MAX_LATE_NS + idle_linger_ns,
+        );
         // A device that ever has less than a period ready runs on its own clock.
         let mut clocked = false;
         loop {
@@ -113,6 +162,12 @@ impl CaptureWorker {
                 return Exit::Stop;
             }
             let now = shared.now_ns();
+            let streaming = shared.streaming.load(Ordering::Relaxed);
+            let linger = if !streaming && shared.speaker_quiet_for(now, self.quiet_guard_ns) {
+                idle_linger_ns
+            } else {
+                0
+            };
             let avail = match dev.avail() {
                 Ok(n) => n,
                 Err(errno) => match self
@@ -125,7 +180,7 @@ impl CaptureWorker {
             };
             if self
                 .ctx
-                .wait_for_period(avail, period, &mut clocked, &mut pacer, now)
+                .wait_for_period(avail, period, &mut clocked, &mut pacer, now, linger)
             {
                 continue;
             }
@@ -154,8 +209,16 @@ impl CaptureWorker {
                     .fetch_add((n - pushed) as u64, Ordering::Relaxed);
             }
             self.total += pushed as u64;
-            shared.capture_stamp.store(self.total, shared.now_ns());
-            if shared.streaming.load(Ordering::Relaxed) {
+            // When the last frame read was captured: a clocked device has captured what is
+            // still in its buffer after it; a clockless one "recorded" it on the timeline.
+            // (A burst reads periods captured long before `now`.)
+            let captured_ns = if clocked {
+                now.saturating_sub(frames_ns(avail.saturating_sub(n)))
+            } else {
+                u64::try_from(pacer.position_ns().max(0)).unwrap_or(now)
+            };
+            shared.capture_stamp.store(self.total, captured_ns);
+            if streaming {
                 let _ = self.ctx.waker.wake();
             }
         }

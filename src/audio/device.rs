@@ -135,9 +135,14 @@ pub struct AlsaPcm {
     pub buffer: usize,
 }
 
-/// Opens `device` for 24 kHz mono S16_LE with periods near `period_frames` and a buffer of
-/// about four periods, non-blocking, prepared (and, for capture, started).
-pub fn open_alsa(device: &str, dir: Direction, period_frames: usize) -> Result<AlsaPcm, OpenError> {
+/// Opens `device` for 24 kHz mono S16_LE with periods near `period_frames` and a buffer
+/// near `buffer_frames`, non-blocking, prepared (and, for capture, started).
+pub fn open_alsa(
+    device: &str,
+    dir: Direction,
+    period_frames: usize,
+    buffer_frames: usize,
+) -> Result<AlsaPcm, OpenError> {
     let name = CString::new(device).map_err(|_| OpenError::BadName(device.to_owned()))?;
     let pcm = PCM::open(&name, dir, true).map_err(|source| OpenError::Open {
         device: device.to_owned(),
@@ -161,7 +166,7 @@ pub fn open_alsa(device: &str, dir: Direction, period_frames: usize) -> Result<A
             .map_err(params("rate 24000 Hz"))?;
         hw.set_period_size_near(period_frames as alsa::pcm::Frames, ValueOr::Nearest)
             .map_err(params("the period size"))?;
-        hw.set_buffer_size_near(4 * period_frames as alsa::pcm::Frames)
+        hw.set_buffer_size_near(buffer_frames.max(2 * period_frames) as alsa::pcm::Frames)
             .map_err(params("the buffer size"))?;
         pcm.hw_params(&hw)
             .map_err(params("the hardware parameters"))?;
@@ -326,10 +331,13 @@ impl PlaybackDevice for NullSink {
 pub struct WavSink {
     ring: Producer<i16>,
     done: Arc<AtomicBool>,
+    /// The writer sleeps until woken (nothing came in its last round).
+    writer_idle: Arc<AtomicBool>,
     writer: Option<JoinHandle<()>>,
 }
 
-/// How often the writer drains its ring; the ring holds several times this.
+/// How often the writer drains its ring while samples come in; the ring holds several
+/// times this. When they stop it brings the header up to date and sleeps until woken.
 const WAV_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the header sizes are brought up to date.
 const WAV_HEADER_INTERVAL: Duration = Duration::from_secs(1);
@@ -344,15 +352,19 @@ impl WavSink {
         let writer = WavWriter::create(path).map_err(create_err)?;
         let (ring, consumer) = RingBuffer::new(2 * SAMPLE_RATE as usize);
         let done = Arc::new(AtomicBool::new(false));
-        let thread_done = Arc::clone(&done);
+        let writer_idle = Arc::new(AtomicBool::new(false));
+        let (thread_done, thread_idle) = (Arc::clone(&done), Arc::clone(&writer_idle));
         let display = path.display().to_string();
         let handle = std::thread::Builder::new()
             .name("walkie-wav-out".into())
-            .spawn(move || wav_writer_worker(writer, consumer, &thread_done, &display))
+            .spawn(move || {
+                wav_writer_worker(writer, consumer, &thread_done, &thread_idle, &display)
+            })
             .map_err(create_err)?;
         Ok(WavSink {
             ring,
             done,
+            writer_idle,
             writer: Some(handle),
         })
     }
@@ -363,9 +375,11 @@ fn wav_writer_worker(
     mut writer: WavWriter,
     mut ring: Consumer<i16>,
     done: &AtomicBool,
+    idle: &AtomicBool,
     path: &str,
 ) {
     let mut last_header = Instant::now();
+    let mut header_stale = false;
     let mut failed = false;
     loop {
         let finished = done.load(Ordering::Acquire);
@@ -378,16 +392,30 @@ fn wav_writer_worker(
             }
             chunk.commit_all();
         }
-        if finished || last_header.elapsed() >= WAV_HEADER_INTERVAL {
+        header_stale |= n > 0;
+        // Up to date about once a second while samples flow, and as soon as they stop.
+        if finished || (header_stale && (n == 0 || last_header.elapsed() >= WAV_HEADER_INTERVAL)) {
             if !failed && let Err(e) = writer.update_header() {
                 log::warn!("wav output {path}: {e}");
             }
             last_header = Instant::now();
+            header_stale = false;
         }
         if finished {
             return;
         }
-        std::thread::park_timeout(WAV_DRAIN_INTERVAL);
+        if n > 0 || header_stale {
+            std::thread::park_timeout(WAV_DRAIN_INTERVAL);
+            continue;
+        }
+        // Nothing came: sleep until the playback thread writes again (or the stop). The
+        // flag goes up before the last look at the ring, so a write in between wakes us.
+        idle.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if ring.is_empty() && !done.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+        idle.store(false, Ordering::SeqCst);
     }
 }
 
@@ -417,6 +445,13 @@ impl PlaybackDevice for WavSink {
     fn write(&mut self, buf: &[i16]) -> Result<usize, Errno> {
         // A writer too slow to keep up loses samples rather than stall the speaker.
         let _ = self.ring.push_partial_slice(buf);
+        // Pairs with the writer's fence: either it sees these samples or we see its flag.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.writer_idle.swap(false, Ordering::SeqCst)
+            && let Some(w) = &self.writer
+        {
+            w.thread().unpark();
+        }
         Ok(buf.len())
     }
     fn delay(&mut self) -> usize {

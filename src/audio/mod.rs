@@ -14,6 +14,12 @@
 //! reports into [`AudioReport`]s for the loop to log, and keeps [`AudioStatus`] for
 //! `walkie ctl status`. None of its methods block.
 //!
+//! Idle (nobody holds the button, nothing plays) is nearly free: the playback thread stops
+//! the device and parks until it is given something to play, the capture thread reads the
+//! microphone in bursts instead of every period (the pre-roll only needs the audio kept),
+//! and the main loop drains the capture ring every couple of seconds instead of being
+//! woken; see `playback.rs` and `capture.rs` for how each stays exact.
+//!
 //! Backends: `alsa` (configured PCM names; a `plug` layer converts to 24 kHz mono S16_LE),
 //! `wav` (a WAV file as the microphone, another receiving everything the speaker plays,
 //! through the same threads and loops), `none` (no threads; playback completes at once).
@@ -179,8 +185,13 @@ pub fn list_pcms() -> Vec<PcmInfo> {
 }
 
 /// How often the main loop drains the capture ring when nobody is listening, to keep the
-/// pre-roll window fresh (and feeds the playback ring from the overflow queue).
-const LAZY_DRAIN: Duration = Duration::from_millis(100);
+/// pre-roll window fresh (and feeds the playback ring from the overflow queue). The ring
+/// holds this, the pre-roll and a margin, so nothing recent is ever dropped meanwhile; a
+/// press drains it at once.
+const LAZY_DRAIN: Duration = Duration::from_secs(2);
+/// Capture ring room beyond the lazy drain and the pre-roll: the capture thread's idle
+/// bursts and the main loop's own lateness.
+const CAPTURE_RING_MARGIN: Duration = Duration::from_millis(1500);
 /// Live samples kept when streaming but nobody reads them (bounded memory).
 const MAX_LIVE: Duration = Duration::from_secs(10);
 /// Extra time around each audible interval: a period either side for timing uncertainty,
@@ -308,8 +319,9 @@ impl Audio {
             ),
         };
         let preroll_frames = settings.preroll_ms as usize * FRAMES_PER_MS as usize;
-        let (capture_producer, capture_ring) =
-            RingBuffer::new((2 * SAMPLE_RATE as usize).max(preroll_frames + SAMPLE_RATE as usize));
+        let margin_frames =
+            (LAZY_DRAIN + CAPTURE_RING_MARGIN).as_millis() as usize * FRAMES_PER_MS as usize;
+        let (capture_producer, capture_ring) = RingBuffer::new(preroll_frames + margin_frames);
         let (play_ring, play_consumer) = RingBuffer::new(4 * SAMPLE_RATE as usize);
         let (span_producer, spans) = RingBuffer::new(512);
         let (capture_reports, capture_report_ring) = RingBuffer::new(64);
@@ -326,6 +338,8 @@ impl Audio {
             error: None,
         };
 
+        let period_pad = Duration::from_millis(u64::from(settings.period_ms));
+        let echo_pad_after = period_pad + ECHO_PAD_AFTER;
         let worker = CaptureWorker::new(
             ThreadCtx::new(
                 Arc::clone(&shared),
@@ -336,6 +350,7 @@ impl Audio {
             capture_producer,
             source,
             period,
+            echo_pad_after,
         );
         let capture_thread = match std::thread::Builder::new()
             .name("walkie-capture".into())
@@ -365,6 +380,7 @@ impl Audio {
             target,
             period,
             Arc::new(earcon::generate_all()),
+            capture_thread.as_ref().map(|t| t.thread().clone()),
         );
         let playback_thread = match std::thread::Builder::new()
             .name("walkie-playback".into())
@@ -385,7 +401,6 @@ impl Audio {
         if !own_reports.is_empty() {
             let _ = waker.wake();
         }
-        let period_pad = Duration::from_millis(u64::from(settings.period_ms));
         Audio {
             inner: Inner::Running(Box::new(Engine {
                 shared,
@@ -409,7 +424,7 @@ impl Audio {
                     Duration::from_millis(u64::from(settings.preroll_ms)),
                     SAMPLE_RATE,
                     period_pad + ECHO_PAD_BEFORE,
-                    period_pad + ECHO_PAD_AFTER,
+                    echo_pad_after,
                 ),
                 live: Vec::new(),
                 streaming: false,
@@ -477,13 +492,18 @@ impl Audio {
 
     /// While on, the capture thread wakes the loop every period so live audio goes out at
     /// once; while off, the loop drains lazily (see [`Audio::next_deadline`]) and only the
-    /// pre-roll window keeps what is captured. Turning it off drops live samples not yet
-    /// read: read the tail with [`Audio::read_capture`] first.
+    /// pre-roll window keeps what is captured. Turning it on wakes an idle capture thread:
+    /// what it had not read yet (at most its linger) follows as live audio. Turning it
+    /// off drops live samples not yet read: read the tail with [`Audio::read_capture`] first.
     pub fn set_streaming(&mut self, on: bool) {
         if let Inner::Running(e) = &mut self.inner {
             e.streaming = on;
             e.shared.streaming.store(on, Ordering::Relaxed);
-            if !on {
+            if on {
+                if let Some(t) = &e.capture_thread {
+                    t.thread().unpark();
+                }
+            } else {
                 e.live.clear();
             }
         }
@@ -556,6 +576,7 @@ impl Audio {
                 } else {
                     e.overflow.extend(pcm);
                 }
+                e.wake_playback();
             }
         }
     }
@@ -577,9 +598,7 @@ impl Audio {
         e.last_flush_upto = e.pushed;
         e.shared.flush_upto.store(e.pushed, Ordering::Release);
         e.flush_epoch = e.shared.flush_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        if let Some(t) = &e.playback_thread {
-            t.thread().unpark();
-        }
+        e.wake_playback();
     }
 
     /// Speech queued and consumed so far (`crate::voice::PlaybackProgress` semantics).
@@ -607,6 +626,7 @@ impl Audio {
             e.shared
                 .earcon_requests
                 .fetch_or(1 << earcon::index(earcon), Ordering::Release);
+            e.wake_playback();
         }
     }
 
@@ -752,6 +772,7 @@ impl Engine {
 
     /// Moves overflow speech into the playback ring as room appears.
     fn feed_playback(&mut self) {
+        let before = self.pushed;
         while !self.overflow.is_empty() {
             let (front, _) = self.overflow.as_slices();
             let (pushed, _) = self.play_ring.push_partial_slice(front);
@@ -761,6 +782,18 @@ impl Engine {
             }
             self.pushed += n as u64;
             self.overflow.drain(..n);
+        }
+        if self.pushed != before {
+            self.wake_playback();
+        }
+    }
+
+    /// The playback thread parks while nothing plays; whatever gives it work (speech, an
+    /// earcon, a flush) wakes it after publishing that work. Waking a running thread
+    /// costs an atomic swap.
+    fn wake_playback(&self) {
+        if let Some(t) = &self.playback_thread {
+            t.thread().unpark();
         }
     }
 }

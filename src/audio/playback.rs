@@ -4,11 +4,16 @@
 //! Period loop: honour a flush (drop queued speech up to the flush mark, `snd_pcm_drop` +
 //! prepare at once), start requested earcons, and when the device has room (its clock, or
 //! the pacer for clockless devices) write one period: speech from the ring or silence, with
-//! earcons mixed over it with saturation. Silence keeps the device running so the timeline
-//! is continuous. Each non-silent period is published as an audible span (when it will be
-//! heard: now + the device latency) so the pre-roll can drop its echo; the speech samples
-//! taken are published as `consumed`. No allocation, lock, log or syscall other than ALSA,
-//! the clock, the sleep and the waker.
+//! earcons mixed over it with saturation. Each non-silent period is published as an audible
+//! span (when it will be heard: now + the device latency) so the pre-roll can drop its
+//! echo; the speech samples taken are published as `consumed`. No allocation, lock, log or
+//! syscall other than ALSA, the clock, the sleep, the waker and the capture thread's unpark.
+//!
+//! Idle: once nothing is queued and enough silence followed the last sound for it to have
+//! played out of the device (its buffer, or a clockless device's lead), the thread stops the
+//! device (`snd_pcm_drop`: only silence is dropped), marks the speaker quiet and parks: it
+//! does not wake while nothing plays. The main loop unparks it for speech, an earcon, a
+//! flush or the stop; it restarts the device and the timeline and writes at once.
 //!
 //! While the device is gone, a null sink stands in (paced like any clockless device), so
 //! queued speech still drains at real time and the conversation does not wait forever for
@@ -18,13 +23,14 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::thread::Thread;
 
 use alsa::Direction;
 use rtrb::{Consumer, Producer};
 
 use super::device::{AlsaDevice, NullSink, PlaybackDevice, Recovery, WavSink, open_alsa, recover};
 use super::pacer::Pacer;
-use super::shared::AudibleSpan;
+use super::shared::{AudibleSpan, SPEAKER_BUSY};
 use super::worker::{Exit, MAX_LATE_NS, ThreadCtx, frames_ns, gone_message};
 use crate::sys::sched;
 use crate::voice::SAMPLE_RATE;
@@ -65,6 +71,8 @@ pub struct PlaybackWorker {
     seen_epoch: u64,
     /// A span the ring had no room for; merged with the next one.
     pending_span: Option<AudibleSpan>,
+    /// Woken when the speaker is about to sound, so it stops batching its reads at once.
+    capture_thread: Option<Thread>,
 }
 
 impl PlaybackWorker {
@@ -75,6 +83,7 @@ impl PlaybackWorker {
         target: PlaybackTarget,
         period_frames: usize,
         earcons: Arc<[Vec<i16>; 5]>,
+        capture_thread: Option<Thread>,
     ) -> PlaybackWorker {
         PlaybackWorker {
             ctx,
@@ -88,6 +97,7 @@ impl PlaybackWorker {
             discard_upto: 0,
             seen_epoch: 0,
             pending_span: None,
+            capture_thread,
         }
     }
 
@@ -113,8 +123,13 @@ impl PlaybackWorker {
     fn open_and_run(&mut self) -> Result<(), String> {
         let exit = match self.target.clone() {
             PlaybackTarget::Alsa(name) => {
-                let alsa = open_alsa(&name, Direction::Playback, self.period_frames)
-                    .map_err(|e| e.to_string())?;
+                let alsa = open_alsa(
+                    &name,
+                    Direction::Playback,
+                    self.period_frames,
+                    4 * self.period_frames,
+                )
+                .map_err(|e| e.to_string())?;
                 let mut dev = AlsaDevice::new(&alsa.pcm, false)
                     .map_err(|e| format!("playback PCM \"{name}\": {e}"))?;
                 let mut buf = vec![0i16; alsa.period];
@@ -162,6 +177,11 @@ impl PlaybackWorker {
         let mut clocked = false;
         // The part of `buf` not yet accepted by the device.
         let mut pending: Range<usize> = 0..0;
+        // Frames of silence written since the last sound. Writes run up to `lead` ahead
+        // of what is heard (a clocked device's buffer is smaller still), so once twice
+        // that much silence followed it, the last sound has been heard.
+        let played_out = 2 * lead.max(0) as usize;
+        let mut silent_tail = 0;
         loop {
             if shared.stopping() {
                 return Exit::Stop;
@@ -191,6 +211,14 @@ impl PlaybackWorker {
                     *cursor = Some(0);
                 }
             }
+            if pending.is_empty() && silent_tail >= played_out && self.nothing_to_play() {
+                if let Some(exit) = self.park(dev, until) {
+                    return exit;
+                }
+                pacer.restart(shared.now_ns());
+                silent_tail = 0;
+                continue;
+            }
             if pending.is_empty() {
                 let avail = match dev.avail() {
                     Ok(n) => n,
@@ -204,7 +232,7 @@ impl PlaybackWorker {
                 };
                 if self
                     .ctx
-                    .wait_for_period(avail, period, &mut clocked, &mut pacer, now)
+                    .wait_for_period(avail, period, &mut clocked, &mut pacer, now, 0)
                 {
                     continue;
                 }
@@ -213,7 +241,19 @@ impl PlaybackWorker {
                 } else {
                     pacer.ahead_frames(now) as usize
                 };
-                self.fill(buf);
+                // Less than a period of speech: the rest of it is likely on its way (the
+                // model's deltas come back to back). Padding it with silence now would cut a
+                // gap into the speech, so while the device still holds more than a period,
+                // wait for more (a push wakes the thread) or for the device to need it.
+                if self.partial_speech(period) && latency > period {
+                    self.ctx.sleep_until(now + frames_ns(latency - period));
+                    continue;
+                }
+                if self.fill(buf) {
+                    silent_tail = 0;
+                } else {
+                    silent_tail += period;
+                }
                 if buf.iter().any(|s| s.unsigned_abs() > AUDIBLE_LEVEL) {
                     let start_ns = now + frames_ns(latency);
                     self.publish_span(AudibleSpan {
@@ -260,11 +300,74 @@ impl PlaybackWorker {
         }
     }
 
-    /// One period of output: speech (or silence) with the active earcons mixed in.
-    fn fill(&mut self, buf: &mut [i16]) {
+    /// Some speech is queued, but less than a period of it (and no earcon plays).
+    fn partial_speech(&self, period: usize) -> bool {
+        let n = self.ring.slots();
+        n > 0
+            && n < period
+            && self.consumed >= self.discard_upto
+            && self.cursors.iter().all(Option::is_none)
+    }
+
+    /// Nothing queued: no speech in the ring, no earcon playing.
+    fn nothing_to_play(&self) -> bool {
+        self.ring.is_empty() && self.cursors.iter().all(Option::is_none)
+    }
+
+    /// The device has played out everything audible: stops it, marks the speaker quiet and
+    /// parks until there is something to play, a flush, or the stop (or `until`, for the
+    /// stand-in). `Some` is how the period loop ends; `None` means play on.
+    fn park<D: PlaybackDevice>(&mut self, dev: &mut D, until: Option<u64>) -> Option<Exit> {
+        let shared = Arc::clone(&self.ctx.shared);
+        if let Err(errno) = dev.drop_queued()
+            && let Recovery::Gone(errno) = recover(dev, errno, &shared.playback)
+        {
+            return Some(Exit::Gone(errno));
+        }
+        if let Some(span) = self.pending_span.take() {
+            self.publish_span(span);
+        }
+        shared
+            .speaker_quiet_since
+            .store(shared.now_ns(), Ordering::Release);
+        loop {
+            if shared.stopping() {
+                return Some(Exit::Stop);
+            }
+            let now = shared.now_ns();
+            if until.is_some_and(|u| now >= u) {
+                return Some(Exit::Retry);
+            }
+            // Each waker stores first and unparks after: a wake between this check and
+            // the park leaves a token, so the park returns at once.
+            if !self.ring.is_empty()
+                || shared.earcon_requests.load(Ordering::Acquire) != 0
+                || shared.flush_epoch.load(Ordering::Acquire) != self.seen_epoch
+            {
+                break;
+            }
+            match until {
+                Some(u) => std::thread::park_timeout(std::time::Duration::from_nanos(u - now)),
+                None => std::thread::park(),
+            }
+        }
+        shared
+            .speaker_quiet_since
+            .store(SPEAKER_BUSY, Ordering::Release);
+        if let Some(capture) = &self.capture_thread {
+            capture.unpark();
+        }
+        None
+    }
+
+    /// One period of output: speech (or silence) with the active earcons mixed in. True
+    /// when it holds anything but silence from an empty queue.
+    fn fill(&mut self, buf: &mut [i16]) -> bool {
         buf.fill(0);
+        let mut sound = false;
         if self.consumed >= self.discard_upto {
             let n = buf.len().min(self.ring.slots());
+            sound = n > 0;
             if let Ok(chunk) = self.ring.read_chunk(n) {
                 let (a, b) = chunk.as_slices();
                 buf[..a.len()].copy_from_slice(a);
@@ -279,6 +382,7 @@ impl PlaybackWorker {
         }
         for (i, cursor) in self.cursors.iter_mut().enumerate() {
             let Some(pos) = *cursor else { continue };
+            sound = true;
             let pcm = &self.earcons[i];
             let n = pcm.len().saturating_sub(pos).min(buf.len());
             for (out, e) in buf[..n].iter_mut().zip(&pcm[pos..pos + n]) {
@@ -286,6 +390,7 @@ impl PlaybackWorker {
             }
             *cursor = (pos + n < pcm.len()).then_some(pos + n);
         }
+        sound
     }
 
     /// Tells the main loop when the speaker is audible. A full ring (main loop stalled)

@@ -82,7 +82,16 @@ pub struct Shared {
     pub flush_upto: AtomicU64,
     /// Earcons to start, one bit per `earcon::index`.
     pub earcon_requests: AtomicU32,
+    /// Since when the speaker has been quiet (the playback thread parked after its last
+    /// sound played out), in ns since the epoch; [`SPEAKER_BUSY`] while it may be audible.
+    /// The capture thread batches its reads only while the speaker is quiet, so the
+    /// audio the pre-roll may receive late never holds echo.
+    pub speaker_quiet_since: AtomicU64,
 }
+
+/// `speaker_quiet_since` while the playback thread is running (speech, earcons, or the
+/// silence that lets them play out).
+pub const SPEAKER_BUSY: u64 = u64::MAX;
 
 impl Shared {
     pub fn new(epoch: Instant) -> Shared {
@@ -98,6 +107,8 @@ impl Shared {
             flush_epoch: AtomicU64::new(0),
             flush_upto: AtomicU64::new(0),
             earcon_requests: AtomicU32::new(0),
+            // Nothing has played yet.
+            speaker_quiet_since: AtomicU64::new(0),
         }
     }
 
@@ -118,6 +129,13 @@ impl Shared {
 
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Whether the speaker has been quiet for at least `guard_ns` at `now_ns` (the echo of
+    /// its last sound has died away).
+    pub fn speaker_quiet_for(&self, now_ns: u64, guard_ns: u64) -> bool {
+        let since = self.speaker_quiet_since.load(Ordering::Acquire);
+        since != SPEAKER_BUSY && now_ns >= since.saturating_add(guard_ns)
     }
 }
 

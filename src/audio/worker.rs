@@ -129,6 +129,10 @@ impl ThreadCtx {
     /// for clockless plugin PCMs) is ready for another period; true when it slept and the
     /// caller goes round again. A device that ever had less than a period available has a
     /// clock of its own, and from then on paces the thread.
+    ///
+    /// `linger_ns` stretches such a sleep to at least that long, so that the periods pile
+    /// up in the device and are moved in one burst after it (the idle capture thread);
+    /// 0 wakes for every period. An unpark ends any sleep early.
     pub fn wait_for_period(
         &self,
         avail: usize,
@@ -136,15 +140,18 @@ impl ThreadCtx {
         clocked: &mut bool,
         pacer: &mut Pacer,
         now: u64,
+        linger_ns: u64,
     ) -> bool {
         if avail < period {
             *clocked = true;
-            let wait = frames_ns(period - avail).clamp(1_000_000, frames_ns(period));
+            let wait = frames_ns(period - avail)
+                .clamp(1_000_000, frames_ns(period))
+                .max(linger_ns);
             self.sleep_until(now + wait);
             return true;
         }
         if !*clocked && !pacer.is_due(now) {
-            self.sleep_until(pacer.due_ns_u64());
+            self.sleep_until(pacer.due_ns_u64().max(now + linger_ns));
             return true;
         }
         false
