@@ -40,7 +40,7 @@ fn mic_signal(frames: usize) -> Vec<i16> {
 }
 
 fn write_wav(path: &Path, samples: &[i16]) {
-    let mut f = File::create(path).unwrap();
+    let mut f = std::io::BufWriter::new(File::create(path).unwrap());
     let data = (samples.len() * 2) as u32;
     f.write_all(b"RIFF").unwrap();
     f.write_all(&(36 + data).to_le_bytes()).unwrap();
@@ -57,6 +57,7 @@ fn write_wav(path: &Path, samples: &[i16]) {
     for s in samples {
         f.write_all(&s.to_le_bytes()).unwrap();
     }
+    f.flush().unwrap();
 }
 
 /// Voluntary context switches of each of `pid`'s threads, by thread name (the main thread
@@ -131,7 +132,7 @@ fn appended(fake: &FakeRealtime) -> Vec<i16> {
 
 #[test]
 fn idle_audio_threads_do_not_wake_every_period_nor_the_main_loop() {
-    let (w, fake) = idle_walkie(&mic_signal(24_000 * 20), true);
+    let (w, fake) = idle_walkie(&mic_signal(24_000 * 10), true);
     // Let the start-up settle: the speaker's first silence plays out and it parks.
     std::thread::sleep(Duration::from_millis(500));
     let window = Duration::from_secs(3);
@@ -196,7 +197,7 @@ fn idle_audio_threads_do_not_wake_every_period_nor_the_main_loop() {
 
 #[test]
 fn the_preroll_is_whole_after_a_long_idle() {
-    let mic = mic_signal(24_000 * 20);
+    let mic = mic_signal(24_000 * 10);
     // No earcons: the press earcon's echo padding would cut the last few milliseconds
     // before the press out of the pre-roll, on purpose, and hide what is checked here.
     let (w, fake) = idle_walkie(&mic, false);
