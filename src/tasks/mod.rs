@@ -3,6 +3,7 @@
 
 pub mod claude;
 pub mod engine;
+pub mod lifecycle;
 pub mod names;
 pub mod output;
 pub mod proc;
