@@ -10,6 +10,7 @@ pub mod proc;
 pub mod record;
 pub mod redact;
 pub mod stream;
+pub mod writer;
 
 pub use engine::{EngineSettings, TaskEngine, TaskError, TaskEvent};
 pub use record::{TaskRecord, TaskState};
