@@ -6,6 +6,7 @@
 //! the sans-IO conversation core, whose actions flow out to the link, the audio engine and
 //! the state file. Nothing here blocks: the only waits are `epoll_wait` itself.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,6 +27,7 @@ use crate::realtime::link::{Link, LinkEvent, LinkSettings, LinkStatus};
 use crate::realtime::trace::Trace;
 use crate::signals::{SignalEvent, Signals};
 use crate::state::{self, StateFile, StateWriter};
+use crate::tasks::contain::{self, Containment};
 use crate::tasks::{EngineSettings, TaskEngine, TaskEvent, TaskState};
 use crate::tools;
 
@@ -110,6 +112,8 @@ struct Daemon {
     state_dirty: bool,
     /// The registry changed since the conversation core was last told its summary.
     task_summary_stale: bool,
+    /// `logs` requests waiting for the writer thread: ticket → connection.
+    pending_logs: HashMap<u64, mio::Token>,
     ready: Vec<Event>,
 }
 
@@ -157,12 +161,22 @@ impl Daemon {
         let _ = std::thread::Builder::new()
             .name("walkie-warm-up".into())
             .spawn(crate::tasks::redact::warm_up);
+        let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
+        let containment = Containment::setup(&containment_request(&config, &paths));
+        log::info!("containment: {}", containment.describe());
         let now = Instant::now();
-        let engine = TaskEngine::new(engine_settings(&config, &paths), saved.tasks, now);
+        let engine = TaskEngine::new(
+            engine_settings(&config, &paths),
+            saved.tasks,
+            now,
+            reactor.registry(),
+            reactor.waker(),
+            containment,
+        )
+        .map_err(|e| fail("cannot start the task engine", &e))?;
         let mut conv = Conversation::new(conversation_settings(&config));
         conv.restore_transcript(saved.transcript);
         conv.handle_task_summary(engine.context_summary());
-        let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
         let signals = Signals::new().map_err(|e| fail("cannot create the signalfd", &e))?;
         signals
             .register(reactor.registry(), reactor::SIGNALS)
@@ -201,6 +215,7 @@ impl Daemon {
             force_killed: false,
             state_dirty: true,
             task_summary_stale: false,
+            pending_logs: HashMap::new(),
             ready: Vec::with_capacity(256),
         };
         daemon
@@ -247,7 +262,7 @@ impl Daemon {
             self.ready = ready;
             self.on_timeouts(now);
             if self.engine.has_backlog() {
-                self.engine.service_backlog(self.reactor.registry(), now);
+                self.engine.service_backlog(now);
             }
             self.pump(now);
             if self.state_dirty {
@@ -287,7 +302,7 @@ impl Daemon {
             reactor::SIGNALS => {
                 for sig in self.signals.drain() {
                     match sig {
-                        SignalEvent::Child => self.engine.reap(self.reactor.registry(), now),
+                        SignalEvent::Child => self.engine.reap(now),
                         SignalEvent::Reload => self.reload(),
                         SignalEvent::Shutdown(s) => self.begin_shutdown(now, &format!("{s}")),
                     }
@@ -302,6 +317,7 @@ impl Daemon {
                     log_audio(reports);
                 }
                 self.feed_capture(now);
+                self.engine.on_wake(now);
             }
             reactor::CONTROL => self.control.on_listener_ready(registry),
             reactor::LINK => {
@@ -311,7 +327,7 @@ impl Daemon {
             }
             reactor::BUTTON => self.button.on_ready(registry, event, now),
             t if ControlServer::owns(t) => self.control.on_ready(registry, t, event),
-            t if TaskEngine::owns(t) => self.engine.on_ready(registry, t, now),
+            t if TaskEngine::owns(t) => self.engine.on_ready(t, now),
             // mio may report a token after its source was dropped: ignore it.
             _ => {}
         }
@@ -319,7 +335,7 @@ impl Daemon {
 
     fn on_timeouts(&mut self, now: Instant) {
         let registry = self.reactor.registry();
-        self.engine.on_timeout(registry, now);
+        self.engine.on_timeout(now);
         if let Some(link) = self.link.as_mut() {
             link.on_timeout(registry, now);
         }
@@ -431,6 +447,12 @@ impl Daemon {
     fn on_task_event(&mut self, now: Instant, ev: TaskEvent) {
         let registry = self.reactor.registry();
         match ev {
+            TaskEvent::LogsRead { ticket, task, text } => {
+                if let Some(token) = self.pending_logs.remove(&ticket) {
+                    let reply = handler::logs_reply(&self.engine, &task, text);
+                    self.control.end_stream(registry, token, &reply);
+                }
+            }
             TaskEvent::Changed => {
                 self.state_dirty = true;
                 self.task_summary_stale = true;
@@ -548,13 +570,7 @@ impl Daemon {
                     name,
                     arguments,
                 } => {
-                    let output = tools::run(
-                        &mut self.engine,
-                        self.reactor.registry(),
-                        now,
-                        &name,
-                        &arguments,
-                    );
+                    let output = tools::run(&mut self.engine, now, &name, &arguments);
                     self.conv.handle_tool_output(now, &call_id, output);
                 }
             }
@@ -565,7 +581,6 @@ impl Daemon {
     fn on_request(&mut self, now: Instant, token: mio::Token, req: Request) {
         let parts = Parts {
             now,
-            registry: self.reactor.registry(),
             engine: &mut self.engine,
             conv: &mut self.conv,
             button: &mut self.button,
@@ -579,6 +594,12 @@ impl Daemon {
             Handled::Subscribe(first, subscription) => {
                 self.control.subscribe(token, subscription);
                 self.control.reply(self.reactor.registry(), token, &first);
+            }
+            Handled::Later { ticket, task } => {
+                // `logs` is a streaming command ending in an `end` line: the connection
+                // waits as a follower would, and ends with the one reply.
+                self.control.subscribe(token, Subscription::Logs { task });
+                self.pending_logs.insert(ticket, token);
             }
         }
     }
@@ -653,7 +674,7 @@ impl Daemon {
             // SIGKILL everything; their exits come back through SIGCHLD like any other,
             // within a last short deadline (a timer, not a sleep).
             log::error!("shutdown: tasks did not stop in time; killing what is left");
-            self.engine.kill_everything();
+            self.engine.kill_everything(now);
             self.force_killed = true;
             self.shutdown_deadline = Some(now + FORCE_KILL_WAIT);
             return false;
@@ -667,6 +688,7 @@ impl Daemon {
 
     fn finish_shutdown(&mut self) {
         self.persist();
+        self.engine.close();
         if let Some(writer) = self.state.take() {
             writer.finish();
         }
@@ -729,6 +751,14 @@ fn vitals(
         audio,
         uptime_s: now.saturating_duration_since(started).as_secs(),
         shutting_down,
+    }
+}
+
+fn containment_request(config: &Config, paths: &Paths) -> contain::Request {
+    contain::Request {
+        scan_only: false,
+        memory_max: None,
+        state_dir: paths.state_dir.clone(),
     }
 }
 

@@ -7,35 +7,23 @@
 
 use std::time::Instant;
 
-use mio::Registry;
 use serde_json::{Value, json};
 
+use crate::tasks::engine::Logs;
 use crate::tasks::{TaskEngine, TaskError, TaskRecord, redact};
 
 /// Longest result text handed to the model.
 const RESULT_CHARS: usize = 1500;
 
 /// Runs tool `name` for the model and returns its output as sent back (a JSON string).
-pub fn run(
-    engine: &mut TaskEngine,
-    registry: &Registry,
-    now: Instant,
-    name: &str,
-    arguments: &str,
-) -> String {
-    let out = call(engine, registry, now, name, arguments);
+pub fn run(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> String {
+    let out = call(engine, now, name, arguments);
     log::info!("tool {name} {} → {out}", redact::redact(arguments));
     out.to_string()
 }
 
 /// Runs tool `name` with its JSON `arguments`.
-pub fn call(
-    engine: &mut TaskEngine,
-    registry: &Registry,
-    now: Instant,
-    name: &str,
-    arguments: &str,
-) -> Value {
+pub fn call(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> Value {
     let args: Value = match serde_json::from_str(if arguments.trim().is_empty() {
         "{}"
     } else {
@@ -58,7 +46,7 @@ pub fn call(
                 Ok(p) => p,
                 Err(e) => return e,
             };
-            match engine.start(registry, prompt, text("name"), text("project")) {
+            match engine.start(prompt, text("name"), text("project"), now) {
                 Ok(task) => json!({"status": "started", "task": task}),
                 Err(e) => task_error(&e),
             }
@@ -80,7 +68,7 @@ pub fn call(
             Ok(Ok(record)) => {
                 let mut v = brief(&record);
                 if record.state.is_running() {
-                    if let Ok((_, tail)) = engine.logs(&record.name) {
+                    if let Ok(Logs::Now { text: tail, .. }) = engine.logs(&record.name) {
                         let recent: String = last_chars(&tail, 400);
                         v["recent_output"] = json!(redact::speech_summary(&recent, 400));
                     }
@@ -105,7 +93,7 @@ pub fn call(
                 (Ok(n), Ok(p)) => (n, p),
                 (Err(e), _) | (_, Err(e)) => return e,
             };
-            match engine.continue_task(registry, task, prompt) {
+            match engine.continue_task(task, prompt, now) {
                 Ok(task) => json!({"status": "started", "task": task}),
                 Err(e) => task_error(&e),
             }

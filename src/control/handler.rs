@@ -7,19 +7,18 @@
 
 use std::time::Instant;
 
-use mio::Registry;
 use serde_json::{Value, json};
 
 use super::proto::{self, Request};
 use super::server::Subscription;
 use crate::button::Button;
 use crate::conversation::Conversation;
+use crate::tasks::engine::{Logs, dropped_note};
 use crate::tasks::{TaskEngine, TaskError};
 
 /// The parts a request may look at or act on.
 pub struct Parts<'a> {
     pub now: Instant,
-    pub registry: &'a Registry,
     pub engine: &'a mut TaskEngine,
     pub conv: &'a mut Conversation,
     pub button: &'a mut Button,
@@ -44,13 +43,15 @@ pub enum Handled {
     Reply(Value),
     /// A first reply line; then the connection streams what the subscription names.
     Subscribe(Value, Subscription),
+    /// The reply needs the disk: the task engine brings the log with
+    /// `TaskEvent::LogsRead { ticket, .. }`, then [`logs_reply`] makes the one reply.
+    Later { ticket: u64, task: String },
 }
 
 /// Carries out `req` and says what to answer.
 pub fn handle(req: Request, parts: Parts<'_>, vitals: impl FnOnce() -> Vitals) -> Handled {
     let Parts {
         now,
-        registry,
         engine,
         conv,
         button,
@@ -62,10 +63,8 @@ pub fn handle(req: Request, parts: Parts<'_>, vitals: impl FnOnce() -> Vitals) -
             prompt,
             name,
             project,
-        } => started(engine.start(registry, &prompt, name.as_deref(), project.as_deref())),
-        Request::Continue { name, prompt } => {
-            started(engine.continue_task(registry, &name, &prompt))
-        }
+        } => started(engine.start(&prompt, name.as_deref(), project.as_deref(), now)),
+        Request::Continue { name, prompt } => started(engine.continue_task(&name, &prompt, now)),
         Request::Cancel { name } => started(engine.cancel(&name, now)),
         Request::Result { name } => match engine.resolve(&name) {
             Ok(record) => {
@@ -76,18 +75,25 @@ pub fn handle(req: Request, parts: Parts<'_>, vitals: impl FnOnce() -> Vitals) -
             Err(e) => error_reply(&e),
         },
         Request::Logs { name, follow } => match engine.logs(&name) {
-            Ok((task, text)) => {
-                let running = engine.resolve(&task).is_ok_and(|r| r.state.is_running());
-                if follow && running && engine.set_followed(&task, true) {
-                    let first = json!({"ok": true, "task": task, "text": text});
+            Ok(Logs::Now {
+                task,
+                mut text,
+                dropped,
+            }) => {
+                if dropped > 0 {
+                    text.push_str(&dropped_note(dropped));
+                    text.push('\n');
+                }
+                if follow && engine.set_followed(&task, true) {
+                    let first =
+                        json!({"ok": true, "task": task, "text": text, "dropped_bytes": dropped});
                     return Handled::Subscribe(first, Subscription::Logs { task });
                 }
-                let state = engine
-                    .resolve(&task)
-                    .map(|r| r.state.as_str())
-                    .unwrap_or("unknown");
-                json!({"ok": true, "task": task, "text": text, "end": true, "state": state})
+                let mut reply = logs_reply(engine, &task, text);
+                reply["dropped_bytes"] = json!(dropped);
+                reply
             }
+            Ok(Logs::Later { task, ticket }) => return Handled::Later { ticket, task },
             Err(e) => error_reply(&e),
         },
         Request::Events => {
@@ -114,6 +120,15 @@ pub fn handle(req: Request, parts: Parts<'_>, vitals: impl FnOnce() -> Vitals) -
         Request::Transcript => json!({"ok": true, "transcript": conv.transcript()}),
     };
     Handled::Reply(reply)
+}
+
+/// The last reply of `logs`: the text and the task's state at the end.
+pub fn logs_reply(engine: &TaskEngine, task: &str, text: String) -> Value {
+    let state = engine
+        .resolve(task)
+        .map(|r| r.state.as_str())
+        .unwrap_or("unknown");
+    json!({"ok": true, "task": task, "text": text, "end": true, "state": state})
 }
 
 /// `{"ok":true,"task":NAME}` for a request that acted on a task.
@@ -143,6 +158,7 @@ fn status(engine: &TaskEngine, conv: &Conversation, button: &Button, vitals: Vit
         "audio": vitals.audio,
         "button": button.status(),
         "tasks": {"running": engine.running_count(), "finished": engine.finished_count()},
+        "containment": engine.containment().status(),
         "uptime_s": vitals.uptime_s,
         "pid": std::process::id(),
         "conversation": conv.status(),
@@ -159,11 +175,12 @@ mod tests {
     use crate::conversation::ConversationSettings;
     use crate::paths::Paths;
     use crate::tasks::EngineSettings;
+    use crate::tasks::contain::Containment;
 
     /// The daemon's parts, real ones, in a private directory; agents are `sleep`.
     struct Rig {
         _dir: tempfile::TempDir,
-        poll: mio::Poll,
+        _poll: mio::Poll,
         engine: TaskEngine,
         conv: Conversation,
         button: Button,
@@ -199,10 +216,25 @@ mod tests {
                 ..ButtonConfig::default()
             })
             .unwrap();
+            let poll = mio::Poll::new().unwrap();
+            let waker =
+                std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(1)).unwrap());
+            let containment = Containment::Scan {
+                reason: "unit test".into(),
+            };
+            let engine = TaskEngine::new(
+                settings,
+                Vec::new(),
+                t0,
+                poll.registry(),
+                waker,
+                containment,
+            )
+            .unwrap();
             Rig {
                 _dir: dir,
-                poll: mio::Poll::new().unwrap(),
-                engine: TaskEngine::new(settings, Vec::new(), t0),
+                _poll: poll,
+                engine,
                 conv: Conversation::new(ConversationSettings::default()),
                 button,
                 t0,
@@ -212,7 +244,6 @@ mod tests {
         fn ask(&mut self, req: Request) -> Handled {
             let parts = Parts {
                 now: self.t0,
-                registry: self.poll.registry(),
                 engine: &mut self.engine,
                 conv: &mut self.conv,
                 button: &mut self.button,
@@ -246,7 +277,7 @@ mod tests {
         fn drop(&mut self) {
             // The `sleep`s of the tests: nothing here reaps them (a waitpid(-1) would steal
             // other tests' children), so at least stop them.
-            self.engine.kill_everything();
+            self.engine.kill_everything(self.t0);
         }
     }
 
@@ -265,6 +296,10 @@ mod tests {
         assert_eq!(st["pid"], std::process::id());
         assert_eq!(st["conversation"]["session_ready"], false);
         assert_eq!(st["shutting_down"], false);
+        assert_eq!(
+            st["containment"],
+            json!({"kind": "scan", "reason": "unit test"})
+        );
     }
 
     #[test]

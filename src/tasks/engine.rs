@@ -1,54 +1,61 @@
-//! The task engine: the registry plus the supervisor of every agent process.
+//! The task engine: the registry, and the shell around each run's lifecycle core.
 //!
-//! Owns the agents' stdout/stderr pipes (tokens from [`crate::reactor::TASK_PIPES`]), their
-//! pidfds, the reaping of every child (walkie is a child subreaper, so orphaned descendants
-//! land here too), and the timers of cancellation and clean-up. It never blocks: spawning is
-//! a fork/exec, exits come from SIGCHLD + `waitpid(-1, WNOHANG)`, and escalation (SIGINT →
-//! SIGTERM → SIGKILL → sweep of the remaining descendants) runs on timers.
+//! It owns the agents' stdout/stderr pipes and the inotify fd watching the task cgroups'
+//! `cgroup.events` (tokens from [`crate::reactor::TASK_PIPES`]), the agents' pidfds, the
+//! reaping of every child (walkie is a child subreaper, so orphaned descendants land here
+//! too), the membership helper thread (members.rs) and the task-output writer thread
+//! (writer.rs). It decides nothing about how a run ends: each run's [`Lifecycle`]
+//! (lifecycle.rs) does, and this shell carries out its actions — fork/exec, signals,
+//! probes, closing pipes — and records the outcome it reports.
 //!
-//! A task ends in one place, [`TaskEngine::finish`], once its agent has been reaped, every
-//! other process carrying its marker is gone, and its pipes are closed (or a short grace has
-//! passed): only then is the outcome decided and a [`TaskEvent::Finished`] queued.
+//! Nothing here blocks or touches the disk on the loop: spawning is a fork/exec (the child
+//! creates its own directories and joins its cgroup before exec), exits come from SIGCHLD +
+//! `waitpid(-1, WNOHANG)`, `/proc` scans and cgroup kills run on the membership thread, and
+//! log writes, rotation, read-backs and removals run on the writer thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mio::unix::SourceFd;
 use mio::unix::pipe::Receiver;
 use mio::{Interest, Registry, Token};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::contain::Containment;
+use super::lifecycle::{
+    self, Action, Event, Leftover, Lifecycle, Outcome, Pipe, StopReason, Target,
+};
+use super::members::{CgroupScope, MembershipSource, Report, Scope};
 use super::names::{self, Resolution};
-use super::output::{CappedFile, FILE_CAP, TAIL_BYTES, Tail};
+use super::output::{TAIL_BYTES, Tail};
 use super::proc::{self, MARKER_VAR};
 use super::record::{TaskRecord, TaskState};
 use super::redact;
-use super::stream::{ExitInfo, StreamEvent, StreamParser, Verdict};
+use super::stream::{ExitInfo, StreamEvent};
+use super::writer::{DiskWriter, Done};
 use crate::config::AgentConfig;
 use crate::paths::Paths;
-use crate::reactor::{TASK_PIPES, Timers, TokenPool};
+use crate::reactor::{TASK_PIPES, TokenPool};
 
 /// Bytes read from one pipe per readiness before yielding to the rest of the loop; a pipe
 /// with more to give is serviced again on the next iteration (see [`TaskEngine::has_backlog`]).
 const READ_BUDGET: usize = 64 * 1024;
 /// Finished tasks kept in the registry; older ones are pruned with their log directory.
 const KEEP_FINISHED: usize = 100;
-/// Longest summary, in characters (it is spoken).
-const SUMMARY_CHARS: usize = 300;
-/// Longest stored final text.
-const RESULT_TEXT_BYTES: usize = 8 * 1024;
-/// After the agent and its descendants are gone, how long to wait for pipes to reach EOF
-/// (a process that escaped both the marker and the tree may still hold them).
-const PIPE_GRACE: Duration = Duration::from_millis(300);
-/// How often a sweep re-checks for survivors.
-const SWEEP_POLL: Duration = Duration::from_millis(50);
-/// A sweep that cannot kill everything in this long gives up (processes in D state).
-const SWEEP_GIVE_UP: Duration = Duration::from_secs(10);
+/// Longest stderr line kept for the rendered log.
+const STDERR_LINE: usize = 4096;
+/// The longest the sweep of an exited agent's leftovers waits before SIGKILL.
+const SWEEP_GRACE_MAX: Duration = Duration::from_secs(2);
 
 /// What the engine needs from the configuration.
 #[derive(Debug, Clone)]
@@ -77,8 +84,27 @@ pub enum TaskEvent {
         state: TaskState,
         summary: String,
     },
+    /// The log a [`Logs::Later`] promised, read back by the writer thread.
+    LogsRead {
+        ticket: u64,
+        task: String,
+        text: String,
+    },
     /// The registry changed: persist it.
     Changed,
+}
+
+/// A task's rendered output, now or after the writer thread read it back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Logs {
+    /// A running task's in-memory tail; `dropped` log bytes never reached the disk.
+    Now {
+        task: String,
+        text: String,
+        dropped: u64,
+    },
+    /// A finished task's log file: [`TaskEvent::LogsRead`] brings it with `ticket`.
+    Later { task: String, ticket: u64 },
 }
 
 /// Why a request about a task was refused. Every variant is reported to the requester as
@@ -112,101 +138,163 @@ pub enum TaskError {
     ShuttingDown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StopReason {
-    Cancel,
-    Shutdown,
+/// A task's three log files (paths shared with the writer thread).
+struct LogFiles {
+    dir: PathBuf,
+    raw: Arc<Path>,
+    err: Arc<Path>,
+    text: Arc<Path>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    /// Next step of a cancel: 1 = SIGTERM, 2 = SIGKILL.
-    Escalate(u8),
-    /// Re-check a sweep (or the pipe grace).
-    Sweep,
+impl LogFiles {
+    fn new(dir: PathBuf) -> LogFiles {
+        LogFiles {
+            raw: Arc::from(dir.join("stdout.jsonl")),
+            err: Arc::from(dir.join("stderr.log")),
+            text: Arc::from(dir.join("log.txt")),
+            dir,
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pipe {
-    Stdout,
-    Stderr,
-}
-
-#[derive(Debug)]
-enum Sweep {
-    /// The agent has not exited yet.
-    NotStarted,
-    /// Survivors were sent SIGTERM at `started`; SIGKILL from `kill_at`.
-    Running { started: Instant, kill_at: Instant },
-    /// No survivor left (or gave up) at this instant.
-    Done { at: Instant },
-}
-
-/// A running task's supervisor state (not persisted).
+/// A running task: its lifecycle core and the fds and buffers the shell keeps for it.
 struct Live {
     id: String,
     name: String,
+    /// Names this run's probes (a continued task is a new run with a new key).
+    key: u64,
+    run: Lifecycle,
     pid: i32,
+    start_time: Option<u64>,
     pidfd: Option<OwnedFd>,
     stdout: Option<(Token, Receiver)>,
     stderr: Option<(Token, Receiver)>,
-    parser: StreamParser,
     stderr_line: Vec<u8>,
     tail: Tail,
-    raw_log: CappedFile,
-    err_log: CappedFile,
-    text_log: CappedFile,
-    exit: Option<ExitInfo>,
-    stop: Option<(StopReason, Instant)>,
-    sweep: Sweep,
+    logs: LogFiles,
+    /// Log bytes the writer could not take in time.
+    dropped: u64,
     tmpdir: PathBuf,
+    cgroup: Option<CgroupScope>,
+    watch: Option<WatchDescriptor>,
     followed: bool,
 }
 
-/// Leftovers of a task that was running when walkie last died.
-struct Recovery {
+/// What is left of a task that was running when walkie last died.
+struct LeftoverRun {
     name: String,
-    id: String,
+    scope: Scope,
     root: Option<i32>,
-    since: Instant,
+    core: Leftover,
+}
+
+/// The inotify fd watching each task cgroup's `cgroup.events` for `populated` changes.
+struct CgroupWatch {
+    inotify: Inotify,
+    token: Token,
+    tasks: HashMap<WatchDescriptor, String>,
 }
 
 pub struct TaskEngine {
     settings: EngineSettings,
+    registry: Registry,
     records: Vec<TaskRecord>,
     live: HashMap<String, Live>,
     tokens: HashMap<Token, (String, Pipe)>,
     pool: TokenPool,
-    timers: Timers<(String, TimerKind)>,
     backlog: HashSet<Token>,
     events: VecDeque<TaskEvent>,
-    recoveries: Vec<Recovery>,
-    recovery_timer: Option<Instant>,
+    leftovers: HashMap<u64, LeftoverRun>,
+    containment: Containment,
+    watch: Option<CgroupWatch>,
+    members: MembershipSource,
+    disk: DiskWriter,
+    /// Probe key → task id of a live run.
+    keys: HashMap<u64, String>,
+    next_key: u64,
+    /// `ctl logs` read-backs in flight: ticket → task name.
+    tickets: HashMap<u64, String>,
+    next_ticket: u64,
     shutting_down: bool,
     scratch: Vec<u8>,
     stream_events: Vec<StreamEvent>,
+    reports: Vec<Report>,
+    done: Vec<Done>,
 }
 
 impl TaskEngine {
     /// Builds the engine from the records of the state file. Tasks that were running when
     /// walkie last stopped are marked `interrupted`, and whatever is left of their processes
-    /// (checked by pid + start time, and by marker) is stopped.
-    pub fn new(settings: EngineSettings, mut records: Vec<TaskRecord>, now: Instant) -> TaskEngine {
-        let mut recoveries = Vec::new();
+    /// (by pid + start time, marker and cgroup) is stopped.
+    pub fn new(
+        settings: EngineSettings,
+        mut records: Vec<TaskRecord>,
+        now: Instant,
+        registry: &Registry,
+        waker: Arc<mio::Waker>,
+        containment: Containment,
+    ) -> io::Result<TaskEngine> {
+        let mut pool = TokenPool::new(TASK_PIPES, usize::MAX);
+        let watch = match containment.cgroups() {
+            Some(_) => {
+                let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+                let token = pool.take().expect("the first token of the range");
+                registry.register(
+                    &mut SourceFd(&inotify.as_fd().as_raw_fd()),
+                    token,
+                    Interest::READABLE,
+                )?;
+                Some(CgroupWatch {
+                    inotify,
+                    token,
+                    tasks: HashMap::new(),
+                })
+            }
+            None => None,
+        };
+        // The child creates its own directories below these (see `spawn`).
+        for base in [
+            settings.paths.scratch_dir(),
+            settings.paths.runtime_dir.join("tmp"),
+        ] {
+            super::output::create_private_dirs(&base)?;
+        }
+        let mut engine = TaskEngine {
+            members: MembershipSource::start(Arc::clone(&waker))?,
+            disk: DiskWriter::start(waker)?,
+            registry: registry.try_clone()?,
+            settings,
+            records: Vec::new(),
+            live: HashMap::new(),
+            tokens: HashMap::new(),
+            pool,
+            backlog: HashSet::new(),
+            events: VecDeque::new(),
+            leftovers: HashMap::new(),
+            containment,
+            watch,
+            keys: HashMap::new(),
+            next_key: 1,
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            shutting_down: false,
+            scratch: vec![0; READ_BUDGET],
+            stream_events: Vec::new(),
+            reports: Vec::new(),
+            done: Vec::new(),
+        };
         let mut changed = false;
         for r in records.iter_mut().filter(|r| r.state.is_running()) {
             let root = match (r.pid, r.pid_start_time) {
-                (Some(pid), Some(start)) if proc::is_same_process(pid, start) => Some(pid),
+                (Some(pid), Some(start)) if proc::is_same_process(pid, start) => {
+                    log::warn!(
+                        "task {}: agent pid {pid} outlived walkie; stopping it",
+                        r.name
+                    );
+                    Some((pid, start))
+                }
                 _ => None,
             };
-            if let Some(pid) = root {
-                // Still the same process (pid and start time match): its group is its own.
-                log::warn!(
-                    "task {}: agent pid {pid} outlived walkie; stopping it",
-                    r.name
-                );
-                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            }
             log::warn!(
                 "task {} was running when walkie stopped: marked interrupted",
                 r.name
@@ -216,37 +304,39 @@ impl TaskEngine {
             r.pid = None;
             r.pid_start_time = None;
             r.error = Some("walkie stopped while it ran".into());
-            r.summary = Some("interrupted: walkie stopped while it ran".into());
-            recoveries.push(Recovery {
-                name: r.name.clone(),
-                id: r.id.clone(),
+            r.summary = Some("walkie stopped while it ran".into());
+            let scope = Scope {
+                task_id: r.id.clone(),
                 root,
-                since: now,
-            });
+                cgroup: engine.cgroup_scope(&r.id),
+                scan: true,
+            };
+            engine.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
             changed = true;
         }
-        let mut engine = TaskEngine {
-            settings,
-            records,
-            live: HashMap::new(),
-            tokens: HashMap::new(),
-            pool: TokenPool::new(TASK_PIPES, usize::MAX),
-            timers: Timers::default(),
-            backlog: HashSet::new(),
-            events: VecDeque::new(),
-            recoveries,
-            recovery_timer: None,
-            shutting_down: false,
-            scratch: vec![0; READ_BUDGET],
-            stream_events: Vec::new(),
-        };
+        // Task cgroups no record explains (a state file lost or moved aside).
+        let strays: Vec<(String, PathBuf)> = engine
+            .containment
+            .cgroups()
+            .map(|c| c.task_dirs())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(id, _)| !engine.has_leftover(id))
+            .collect();
+        for (id, _) in strays {
+            let scope = Scope {
+                task_id: id.clone(),
+                root: None,
+                cgroup: engine.cgroup_scope(&id),
+                scan: false,
+            };
+            engine.add_leftover(now, format!("(cgroup task-{id})"), scope, None);
+        }
+        engine.records = records;
         if changed {
             engine.events.push_back(TaskEvent::Changed);
         }
-        if !engine.recoveries.is_empty() {
-            engine.recover_step(now);
-        }
-        engine
+        Ok(engine)
     }
 
     pub fn update_settings(&mut self, settings: EngineSettings) {
@@ -263,6 +353,11 @@ impl TaskEngine {
 
     pub fn finished_count(&self) -> usize {
         self.records.len() - self.running_count()
+    }
+
+    /// How tasks are contained, for `walkie ctl status`.
+    pub fn containment(&self) -> &Containment {
+        &self.containment
     }
 
     /// Finds a task by exact name, unique prefix or word match (DESIGN.md §3).
@@ -288,10 +383,10 @@ impl TaskEngine {
     /// Starts a new task. Returns its name.
     pub fn start(
         &mut self,
-        registry: &Registry,
         prompt: &str,
         name: Option<&str>,
         project: Option<&str>,
+        now: Instant,
     ) -> Result<String, TaskError> {
         let prompt = self.accept_prompt(prompt)?;
         self.check_limit()?;
@@ -305,11 +400,9 @@ impl TaskEngine {
             taken.contains(n)
         });
         let id = format!("{:016x}", fastrand::u64(..));
-        let cwd = match project_dir {
-            Some(dir) => dir,
-            None => self
-                .scratch_dir(&name, &id)
-                .map_err(|e| TaskError::Spawn(e.to_string()))?,
+        let (cwd, scratch) = match project_dir {
+            Some(dir) => (dir, false),
+            None => (self.scratch_dir(&name, &id), true),
         };
         let argv = expand(&self.settings.agent.command, prompt, None);
         let mut record = TaskRecord {
@@ -332,11 +425,9 @@ impl TaskEngine {
             cost_usd: None,
             runs: 1,
         };
-        self.spawn(registry, &mut record, &argv)?;
+        self.spawn(&mut record, &argv, scratch, now)?;
         self.records.push(record);
         self.prune();
-        self.events
-            .push_back(TaskEvent::Started { name: name.clone() });
         self.events.push_back(TaskEvent::Changed);
         Ok(name)
     }
@@ -344,9 +435,9 @@ impl TaskEngine {
     /// A follow-up in the task's agent session, same name, same directory.
     pub fn continue_task(
         &mut self,
-        registry: &Registry,
         reference: &str,
         prompt: &str,
+        now: Instant,
     ) -> Result<String, TaskError> {
         let prompt = self.accept_prompt(prompt)?;
         let mut record = self.resolve(reference)?.clone();
@@ -368,18 +459,19 @@ impl TaskEngine {
         record.result_text = None;
         record.error = None;
         record.started_at = crate::clock::now_rfc3339();
-        self.spawn(registry, &mut record, &argv)?;
+        // The scratch directory of the first run may be gone (removed by hand): the child
+        // creates it again rather than failing to start.
+        let scratch = record.project.is_none() && !Path::new(&record.cwd).is_dir();
+        self.spawn(&mut record, &argv, scratch, now)?;
         let name = record.name.clone();
         if let Some(slot) = self.record_mut(&name) {
             *slot = record;
         }
-        self.events
-            .push_back(TaskEvent::Started { name: name.clone() });
         self.events.push_back(TaskEvent::Changed);
         Ok(name)
     }
 
-    /// Interrupts a running task and all its descendants. Returns its name; `cancelled` is
+    /// Stops a running task and all its descendants. Returns its name; `cancelled` is
     /// reported (as a [`TaskEvent::Finished`]) only once every process is gone.
     pub fn cancel(&mut self, reference: &str, now: Instant) -> Result<String, TaskError> {
         let record = self.resolve(reference)?;
@@ -388,7 +480,10 @@ impl TaskEngine {
             return Err(TaskError::NotRunning(name));
         }
         let id = record.id.clone();
-        self.stop(&id, StopReason::Cancel, now);
+        if let Some(live) = self.live.get_mut(&id) {
+            live.run.handle_stop(now, StopReason::Cancel);
+            self.drive(&id, now);
+        }
         Ok(name)
     }
 
@@ -396,27 +491,33 @@ impl TaskEngine {
     /// says when they are all gone.
     pub fn shutdown(&mut self, now: Instant) {
         self.shutting_down = true;
-        let ids: Vec<String> = self.live.keys().cloned().collect();
-        for id in ids {
-            self.stop(&id, StopReason::Shutdown, now);
+        for id in self.live_ids() {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.run.handle_stop(now, StopReason::Shutdown);
+            }
+            self.drive(&id, now);
         }
     }
 
     /// No task process left and no leftover of a previous run being cleaned up.
     pub fn is_idle(&self) -> bool {
-        self.live.is_empty() && self.recoveries.is_empty()
+        self.live.is_empty() && self.leftovers.is_empty()
     }
 
     /// Last resort at the shutdown deadline: SIGKILL everything still known.
-    pub fn kill_everything(&mut self) {
-        for live in self.live.values() {
-            if live.exit.is_none() {
-                let _ = nix::sys::signal::killpg(Pid::from_raw(live.pid), Signal::SIGKILL);
+    pub fn kill_everything(&mut self, now: Instant) {
+        for id in self.live_ids() {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.run.handle_kill(now);
             }
-            for pid in proc::task_processes(&live.id, None) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+            self.drive(&id, now);
         }
+    }
+
+    /// At exit: the writer finishes what is queued; walkie's shared cgroup subtree goes.
+    pub fn close(&mut self) {
+        self.disk.finish();
+        self.containment.release();
     }
 
     /// Marks (or unmarks) a task as followed: its output is then queued as
@@ -439,15 +540,24 @@ impl TaskEngine {
         }
     }
 
-    /// The rendered output of a task: the in-memory tail while it runs, the log file after.
-    pub fn logs(&self, reference: &str) -> Result<(String, String), TaskError> {
+    /// The rendered output of a task: the in-memory tail while it runs; after, its log
+    /// file, read back by the writer thread (behind every write queued for it).
+    pub fn logs(&mut self, reference: &str) -> Result<Logs, TaskError> {
         let record = self.resolve(reference)?;
+        let task = record.name.clone();
         if let Some(live) = self.live.get(&record.id) {
-            return Ok((record.name.clone(), live.tail.text()));
+            return Ok(Logs::Now {
+                task,
+                text: live.tail.text(),
+                dropped: live.dropped,
+            });
         }
-        let path = self.task_dir(&record.name).join("log.txt");
-        let text = super::output::read_tail(&path, TAIL_BYTES as u64).unwrap_or_default();
-        Ok((record.name.clone(), text))
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let path = self.task_dir(&task).join("log.txt");
+        self.disk.read_tail(path, TAIL_BYTES as u64, ticket);
+        self.tickets.insert(ticket, task.clone());
+        Ok(Logs::Later { task, ticket })
     }
 
     /// Path of a task's rendered log (told to users for the full output).
@@ -480,7 +590,12 @@ impl TaskEngine {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        crate::reactor::earliest([self.timers.next_deadline(), self.recovery_timer])
+        let runs = self.live.values().filter_map(|l| l.run.poll_timeout());
+        let leftovers = self
+            .leftovers
+            .values()
+            .filter_map(|l| l.core.poll_timeout());
+        runs.chain(leftovers).min()
     }
 
     /// A pipe had more to read than one budget: the loop should poll without waiting and
@@ -494,29 +609,56 @@ impl TaskEngine {
         token.0 >= TASK_PIPES
     }
 
-    /// Readiness on a task pipe.
-    pub fn on_ready(&mut self, registry: &Registry, token: Token, now: Instant) {
-        self.read_pipe(registry, token, now);
+    /// Readiness on a task pipe or on the cgroup watch.
+    pub fn on_ready(&mut self, token: Token, now: Instant) {
+        if self.watch.as_ref().is_some_and(|w| w.token == token) {
+            self.on_cgroup_events(now);
+        } else {
+            self.read_pipe(token, now);
+        }
     }
 
-    pub fn service_backlog(&mut self, registry: &Registry, now: Instant) {
+    pub fn service_backlog(&mut self, now: Instant) {
         let tokens: Vec<Token> = self.backlog.drain().collect();
         for token in tokens {
-            self.read_pipe(registry, token, now);
+            self.read_pipe(token, now);
         }
+    }
+
+    /// The helper threads woke the loop: membership reports and read-back logs.
+    pub fn on_wake(&mut self, now: Instant) {
+        let mut reports = std::mem::take(&mut self.reports);
+        self.members.take_reports(&mut reports);
+        for report in reports.drain(..) {
+            self.on_report(report, now);
+        }
+        self.reports = reports;
+        let mut done = std::mem::take(&mut self.done);
+        self.disk.take_done(&mut done);
+        for d in done.drain(..) {
+            match d {
+                Done::Tail { ticket, text } => {
+                    if let Some(task) = self.tickets.remove(&ticket) {
+                        self.events
+                            .push_back(TaskEvent::LogsRead { ticket, task, text });
+                    }
+                }
+            }
+        }
+        self.done = done;
     }
 
     /// SIGCHLD: reaps every exited child — agents and orphaned descendants alike — in one
     /// place, routing each status to its task by pid.
-    pub fn reap(&mut self, registry: &Registry, now: Instant) {
+    pub fn reap(&mut self, now: Instant) {
         loop {
             match nix::sys::wait::waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => break,
                 Ok(WaitStatus::Exited(pid, code)) => {
-                    self.on_exit(registry, pid.as_raw(), ExitInfo::Code(code), now)
+                    self.on_exit(pid.as_raw(), ExitInfo::Code(code), now)
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.on_exit(registry, pid.as_raw(), ExitInfo::Signal(sig as i32), now)
+                    self.on_exit(pid.as_raw(), ExitInfo::Signal(sig as i32), now)
                 }
                 Ok(_) => continue,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -526,19 +668,456 @@ impl TaskEngine {
         }
     }
 
-    pub fn on_timeout(&mut self, registry: &Registry, now: Instant) {
-        while let Some((id, kind)) = self.timers.pop_expired(now) {
-            match kind {
-                TimerKind::Escalate(stage) => self.escalate(&id, stage, now),
-                TimerKind::Sweep => self.sweep_step(registry, &id, now),
+    pub fn on_timeout(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.run.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.run.handle_timeout(now);
             }
+            self.drive(&id, now);
         }
-        if self.recovery_timer.is_some_and(|t| t <= now) {
-            self.recover_step(now);
+        let due: Vec<u64> = self
+            .leftovers
+            .iter()
+            .filter(|(_, l)| l.core.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in due {
+            if let Some(l) = self.leftovers.get_mut(&key) {
+                l.core.handle_timeout(now);
+            }
+            self.drive_leftover(key);
         }
     }
 
-    // ---- internals ----
+    // ---- driving the cores ----
+
+    fn live_ids(&self) -> Vec<String> {
+        self.live.keys().cloned().collect()
+    }
+
+    /// Carries out what run `id` asked for, then records what it reported, until it has
+    /// nothing more to say.
+    fn drive(&mut self, id: &str, now: Instant) {
+        loop {
+            let Some(live) = self.live.get_mut(id) else {
+                return;
+            };
+            if let Some(action) = live.run.poll_action() {
+                self.act(id, action, now);
+                continue;
+            }
+            match live.run.poll_event() {
+                Some(Event::Started { .. }) => {
+                    let name = live.name.clone();
+                    self.events.push_back(TaskEvent::Started { name });
+                }
+                Some(Event::Finished(outcome)) => {
+                    self.finish(id, outcome);
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    fn act(&mut self, id: &str, action: Action, now: Instant) {
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        match action {
+            // Spawning happens in `spawn`, before the run is live.
+            Action::Spawn => {}
+            Action::Signal {
+                target: Target::Group,
+                signal,
+            } => {
+                // The core asks only while the agent is unreaped: its group id is its own.
+                if live.run.agent_alive() {
+                    let _ = nix::sys::signal::killpg(Pid::from_raw(live.pid), signal);
+                }
+            }
+            Action::Signal {
+                target: Target::Agent,
+                signal,
+            } => {
+                if let Some(fd) = &live.pidfd {
+                    let _ = crate::sys::process::pidfd_send_signal(fd, signal);
+                }
+            }
+            Action::Probe { signal } => {
+                let scope = Scope {
+                    task_id: live.id.clone(),
+                    root: match (live.run.agent_alive(), live.start_time) {
+                        (true, Some(start)) => Some((live.pid, start)),
+                        _ => None,
+                    },
+                    cgroup: live.cgroup.clone(),
+                    scan: live.cgroup.is_none(),
+                };
+                self.members.probe(live.key, scope, signal);
+            }
+            Action::ClosePipes => {
+                for pipe in [Pipe::Stdout, Pipe::Stderr] {
+                    self.close_pipe(id, pipe, now);
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, report: Report, now: Instant) {
+        if let Some(id) = self.keys.get(&report.key).cloned() {
+            if let Some(live) = self.live.get_mut(&id) {
+                if report.stuck > 0 {
+                    log::warn!(
+                        "task {}: {} process(es) in uninterruptible sleep (D state)",
+                        live.name,
+                        report.stuck
+                    );
+                }
+                live.run.handle_members(now, report.members);
+                self.drive(&id, now);
+            }
+        } else if let Some(l) = self.leftovers.get_mut(&report.key) {
+            if report.members.alive > 0 {
+                log::warn!(
+                    "task {}: stopping {} leftover process(es) of the previous run",
+                    l.name,
+                    report.members.alive
+                );
+            }
+            l.core.handle_members(now, report.members);
+            self.drive_leftover(report.key);
+        }
+    }
+
+    fn on_cgroup_events(&mut self, now: Instant) {
+        let mut changed = Vec::new();
+        if let Some(watch) = self.watch.as_ref() {
+            // Drain to EAGAIN (edge-triggered).
+            while let Ok(events) = watch.inotify.read_events() {
+                if events.is_empty() {
+                    break;
+                }
+                for ev in events {
+                    if let Some(id) = watch.tasks.get(&ev.wd) {
+                        changed.push(id.clone());
+                    }
+                }
+            }
+        }
+        changed.dedup();
+        for id in changed {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.run.handle_members_changed(now);
+            }
+            self.drive(&id, now);
+        }
+    }
+
+    fn add_leftover(&mut self, now: Instant, name: String, scope: Scope, root: Option<i32>) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let core = Leftover::new(now, root.is_some());
+        self.leftovers.insert(
+            key,
+            LeftoverRun {
+                name,
+                scope,
+                root,
+                core,
+            },
+        );
+        self.drive_leftover(key);
+    }
+
+    fn has_leftover(&self, id: &str) -> bool {
+        self.leftovers.values().any(|l| l.scope.task_id == id)
+    }
+
+    fn drive_leftover(&mut self, key: u64) {
+        let Some(l) = self.leftovers.get_mut(&key) else {
+            return;
+        };
+        while let Some(action) = l.core.poll_action() {
+            match action {
+                Action::Signal {
+                    target: Target::Group,
+                    signal,
+                } => {
+                    if let Some(pid) = l.root {
+                        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), signal);
+                    }
+                }
+                Action::Probe { signal } => self.members.probe(key, l.scope.clone(), signal),
+                _ => {}
+            }
+        }
+        if l.core.is_done() {
+            let l = self.leftovers.remove(&key).expect("present");
+            if l.core.stragglers() > 0 {
+                log::error!(
+                    "task {}: {} leftover process(es) would not die",
+                    l.name,
+                    l.core.stragglers()
+                );
+            } else {
+                log::info!("task {}: no process of the previous run is left", l.name);
+            }
+            if let Some(cg) = l.scope.cgroup {
+                self.members.remove_cgroup(cg.dir);
+            }
+            let tmpdir = self
+                .settings
+                .paths
+                .runtime_dir
+                .join("tmp")
+                .join(&l.scope.task_id);
+            self.disk.remove_all(tmpdir);
+        }
+    }
+
+    // ---- pipes ----
+
+    fn read_pipe(&mut self, token: Token, now: Instant) {
+        let Some((id, pipe)) = self.tokens.get(&token).cloned() else {
+            return;
+        };
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        let slot = match pipe {
+            Pipe::Stdout => &mut live.stdout,
+            Pipe::Stderr => &mut live.stderr,
+        };
+        let Some((_, rx)) = slot.as_mut() else { return };
+        let mut total = 0;
+        let mut eof = false;
+        while total < READ_BUDGET {
+            match rx.read(&mut self.scratch[total..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("task {}: reading agent {pipe:?}: {e}", live.name);
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if total >= READ_BUDGET && !eof {
+            self.backlog.insert(token);
+        }
+        let data = std::mem::take(&mut self.scratch);
+        self.take_output(&id, pipe, &data[..total], now);
+        self.scratch = data;
+        if eof {
+            self.close_pipe(&id, pipe, now);
+        }
+    }
+
+    /// Reads what is left in a pipe without waiting, closes it and tells the core.
+    fn close_pipe(&mut self, id: &str, pipe: Pipe, now: Instant) {
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        let slot = match pipe {
+            Pipe::Stdout => &mut live.stdout,
+            Pipe::Stderr => &mut live.stderr,
+        };
+        let Some((token, mut rx)) = slot.take() else {
+            return;
+        };
+        let _ = self.registry.deregister(&mut rx);
+        self.tokens.remove(&token);
+        self.backlog.remove(&token);
+        self.pool.release(token);
+        let mut rest = Vec::new();
+        let _ = rx.read_to_end(&mut rest);
+        drop(rx);
+        self.take_output(id, pipe, &rest, now);
+        let mut events = std::mem::take(&mut self.stream_events);
+        events.clear();
+        if let Some(live) = self.live.get_mut(id) {
+            live.run.handle_eof(now, pipe, &mut events);
+            let mut rendered = String::new();
+            for ev in &events {
+                render(ev, &mut rendered);
+            }
+            if pipe == Pipe::Stderr && !live.stderr_line.is_empty() {
+                rendered.push_str("[stderr] ");
+                rendered.push_str(&String::from_utf8_lossy(&live.stderr_line));
+                rendered.push('\n');
+                live.stderr_line.clear();
+            }
+            emit_output(live, &self.disk, &mut self.events, &rendered);
+        }
+        self.stream_events = events;
+        self.drive(id, now);
+    }
+
+    /// Output bytes of one pipe: to the log files (through the writer), the core, the
+    /// in-memory tail and the followers.
+    fn take_output(&mut self, id: &str, pipe: Pipe, data: &[u8], now: Instant) {
+        if data.is_empty() {
+            return;
+        }
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        let mut rendered = String::new();
+        match pipe {
+            Pipe::Stdout => {
+                if !self.disk.append(&live.logs.raw, data) {
+                    live.dropped += data.len() as u64;
+                }
+                let mut events = std::mem::take(&mut self.stream_events);
+                events.clear();
+                live.run.handle_output(now, pipe, data, &mut events);
+                for ev in &events {
+                    render(ev, &mut rendered);
+                }
+                self.stream_events = events;
+            }
+            Pipe::Stderr => {
+                if !self.disk.append(&live.logs.err, data) {
+                    live.dropped += data.len() as u64;
+                }
+                for &b in data {
+                    if b == b'\n' {
+                        rendered.push_str("[stderr] ");
+                        rendered.push_str(&String::from_utf8_lossy(&live.stderr_line));
+                        rendered.push('\n');
+                        live.stderr_line.clear();
+                    } else if live.stderr_line.len() < STDERR_LINE {
+                        live.stderr_line.push(b);
+                    }
+                }
+            }
+        }
+        emit_output(live, &self.disk, &mut self.events, &rendered);
+        let session = live.run.parser().session_id().map(str::to_string);
+        if let Some(session) = session {
+            let name = live.name.clone();
+            if let Some(r) = self.record_mut(&name) {
+                if r.session_id.as_deref() != Some(session.as_str()) {
+                    r.session_id = Some(session);
+                    self.events.push_back(TaskEvent::Changed);
+                }
+            }
+        }
+        self.drive(id, now);
+    }
+
+    // ---- exits and the end of a run ----
+
+    fn on_exit(&mut self, pid: i32, exit: ExitInfo, now: Instant) {
+        let Some(id) = self
+            .live
+            .iter()
+            .find(|(_, l)| l.pid == pid && l.run.agent_alive())
+            .map(|(id, _)| id.clone())
+        else {
+            log::debug!("reaped orphan pid {pid} ({exit:?})");
+            return;
+        };
+        let live = self.live.get_mut(&id).expect("found above");
+        live.pidfd = None;
+        live.run.handle_exit(now, exit);
+        self.drive(&id, now);
+    }
+
+    /// Records the outcome the core decided and retires the run.
+    fn finish(&mut self, id: &str, outcome: Outcome) {
+        let Some(mut live) = self.live.remove(id) else {
+            return;
+        };
+        self.keys.remove(&live.key);
+        for (token, mut rx) in [live.stdout.take(), live.stderr.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = self.registry.deregister(&mut rx);
+            self.tokens.remove(&token);
+            self.backlog.remove(&token);
+            self.pool.release(token);
+        }
+        let Outcome {
+            state,
+            exit_code,
+            error,
+            summary,
+            result_text,
+            session_id,
+            files_changed,
+            cost_usd,
+            stragglers,
+        } = outcome;
+        if live.dropped > 0 {
+            self.disk.note(
+                &live.logs.text,
+                &format!("{}\n", dropped_note(live.dropped)),
+            );
+        }
+        self.disk.note(
+            &live.logs.text,
+            &format!("=== {}: {summary}\n", state.as_str()),
+        );
+        self.disk.close(live.logs.dir.clone());
+        // The agent's temp files are its own business.
+        self.disk.remove_all(live.tmpdir.clone());
+        if let Some(cg) = live.cgroup.take() {
+            if let (Some(watch), Some(wd)) = (self.watch.as_mut(), live.watch.take()) {
+                watch.tasks.remove(&wd);
+                let _ = watch.inotify.rm_watch(wd);
+            }
+            if stragglers == 0 {
+                self.members.remove_cgroup(cg.dir);
+            }
+        }
+        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
+        record.state = state;
+        record.pid = None;
+        record.pid_start_time = None;
+        record.ended_at = Some(crate::clock::now_rfc3339());
+        record.exit_code = exit_code;
+        record.summary = Some(summary.clone());
+        record.error = error;
+        record.result_text = result_text;
+        if session_id.is_some() {
+            record.session_id = session_id;
+        }
+        for f in files_changed {
+            if !record.files_changed.contains(&f) {
+                record.files_changed.push(f);
+            }
+        }
+        if cost_usd.is_some() {
+            record.cost_usd = cost_usd;
+        }
+        let name = record.name.clone();
+        log::info!("task {name} {}: {summary}", state.as_str());
+        self.events.push_back(TaskEvent::Finished {
+            name,
+            state,
+            summary,
+        });
+        self.events.push_back(TaskEvent::Changed);
+        self.prune();
+    }
+
+    // ---- starting ----
 
     /// The trimmed prompt of a new run, unless walkie is stopping or the prompt is empty.
     fn accept_prompt<'p>(&self, prompt: &'p str) -> Result<&'p str, TaskError> {
@@ -584,20 +1163,29 @@ impl TaskEngine {
         Ok(dir.clone())
     }
 
-    fn scratch_dir(&self, name: &str, id: &str) -> io::Result<PathBuf> {
+    /// Where a task without a project works; the child creates it.
+    fn scratch_dir(&self, name: &str, id: &str) -> PathBuf {
         let base = self.settings.paths.scratch_dir();
-        crate::paths::create_private_dir(&base)?;
-        let mut dir = base.join(name);
+        let dir = base.join(name);
         if dir.exists() {
             // A pruned task of the same name left its work here: never mix the two.
-            dir = base.join(format!("{name}-{}", &id[..6]));
+            return base.join(format!("{name}-{}", &id[..6]));
         }
-        crate::paths::create_private_dir(&dir)?;
-        Ok(dir)
+        dir
     }
 
     fn task_dir(&self, name: &str) -> PathBuf {
         self.settings.paths.tasks_dir().join(name)
+    }
+
+    fn cgroup_scope(&self, id: &str) -> Option<CgroupScope> {
+        let cg = self.containment.cgroups()?;
+        let dir = cg.task_dir(id);
+        Some(CgroupScope {
+            path: cgroup_path(&dir),
+            dir,
+            kill_file: cg.kill_file(),
+        })
     }
 
     fn environment(&self, record: &TaskRecord, tmpdir: &Path) -> Vec<(String, String)> {
@@ -618,84 +1206,167 @@ impl TaskEngine {
         env.into_iter().collect()
     }
 
+    /// Starts a run of `record`: its cgroup, the fork/exec, its pipes on the loop.
+    /// `new_cwd`: the working directory does not exist yet and the child creates it.
     fn spawn(
         &mut self,
-        registry: &Registry,
         record: &mut TaskRecord,
         argv: &[String],
+        new_cwd: bool,
+        now: Instant,
     ) -> Result<(), TaskError> {
-        let spawn_err = |e: io::Error| TaskError::Spawn(e.to_string());
-        let task_dir = self.task_dir(&record.name);
-        crate::paths::create_private_dir(&task_dir).map_err(spawn_err)?;
-        let tmpdir = self.settings.paths.runtime_dir.join("tmp").join(&record.id);
-        crate::paths::create_private_dir(&tmpdir).map_err(spawn_err)?;
         let Some((program, args)) = argv.split_first() else {
             return Err(TaskError::Spawn("agent.command is empty".into()));
         };
+        let mut run = Lifecycle::new(lifecycle::Settings {
+            cancel_grace: Duration::from_millis(self.settings.agent.cancel_grace_ms),
+            sweep_grace: Duration::from_millis(self.settings.agent.cancel_grace_ms)
+                .min(SWEEP_GRACE_MAX),
+            watched: self.watch.is_some(),
+        });
+        if run.poll_action() != Some(Action::Spawn) {
+            return Err(TaskError::Spawn(
+                "internal: the run did not ask to start".into(),
+            ));
+        }
+        let tmpdir = self.settings.paths.runtime_dir.join("tmp").join(&record.id);
+        let cgroup = match self.containment.cgroups() {
+            Some(cg) => Some(cg.create_task(&record.id).map_err(|e| {
+                TaskError::Spawn(format!(
+                    "cannot create its cgroup {}: {e}",
+                    cg.task_dir(&record.id).display()
+                ))
+            })?),
+            None => None,
+        };
+        let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
+        let (Some(cwd), Some(tmp)) = (cstr(Path::new(&record.cwd)), cstr(&tmpdir)) else {
+            if let Some((dir, _)) = cgroup {
+                self.members.remove_cgroup(dir);
+            }
+            return Err(TaskError::Spawn("a path contains a NUL byte".into()));
+        };
+        let mut make_dirs = vec![tmp];
+        if new_cwd {
+            make_dirs.insert(0, cwd.clone());
+        }
+        let (cgroup_dir, cgroup_procs) = match cgroup {
+            Some((dir, fd)) => (Some(dir), Some(fd)),
+            None => (None, None),
+        };
         let mut cmd = Command::new(program);
         cmd.args(args)
-            .current_dir(&record.cwd)
             .env_clear()
             .envs(self.environment(record, &tmpdir))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        crate::sys::process::agent_pre_exec(&mut cmd, Signal::SIGTERM);
-        let mut child = cmd.spawn().map_err(|e| {
-            let _ = std::fs::remove_dir(&tmpdir);
-            if e.kind() == io::ErrorKind::NotFound {
-                TaskError::Spawn(format!(
-                    "{program}: command not found (agent.command, PATH)"
-                ))
-            } else {
-                TaskError::Spawn(format!("{program}: {e}"))
+        crate::sys::process::agent_pre_exec(
+            &mut cmd,
+            crate::sys::process::ChildSetup {
+                death_signal: Signal::SIGTERM,
+                cgroup_procs,
+                make_dirs,
+                cwd,
+            },
+        );
+        let spawned = cmd.spawn();
+        drop(cmd); // closes walkie's copy of cgroup.procs
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(dir) = cgroup_dir {
+                    self.members.remove_cgroup(dir);
+                }
+                // exec's ENOENT is the program; a missing working directory is chdir's.
+                let cwd_missing = !Path::new(&record.cwd).is_dir();
+                self.disk.remove_all(tmpdir);
+                if new_cwd && !cwd_missing {
+                    self.disk.remove_all(PathBuf::from(&record.cwd));
+                }
+                return Err(if e.kind() == io::ErrorKind::NotFound && !cwd_missing {
+                    TaskError::Spawn(format!(
+                        "{program}: command not found (agent.command, PATH)"
+                    ))
+                } else {
+                    TaskError::Spawn(format!("{program}: {e}"))
+                });
             }
-        })?;
+        };
         let pid = child.id() as i32;
         // The child is reaped by `reap` (waitpid(-1)); std's handle is only a bag of pipes.
         let stdout = child.stdout.take().map(Receiver::from);
         let stderr = child.stderr.take().map(Receiver::from);
         drop(child);
         let pidfd = crate::sys::process::pidfd_open(pid).ok();
+        let start_time = proc::stat(pid).map(|s| s.start_time);
         record.pid = Some(pid);
-        record.pid_start_time = proc::stat(pid).map(|s| s.start_time);
-        let mut text_log = CappedFile::open(task_dir.join("log.txt"), FILE_CAP);
-        text_log.write(
-            format!(
+        record.pid_start_time = start_time;
+        run.handle_spawned(now, pid);
+        let key = self.next_key;
+        self.next_key += 1;
+        let cgroup = cgroup_dir.map(|dir| CgroupScope {
+            path: cgroup_path(&dir),
+            kill_file: self.containment.cgroups().is_some_and(|c| c.kill_file()),
+            dir,
+        });
+        let watch = match (&cgroup, self.watch.as_mut()) {
+            (Some(cg), Some(w)) => match w
+                .inotify
+                .add_watch(&cg.dir.join("cgroup.events"), AddWatchFlags::IN_MODIFY)
+            {
+                Ok(wd) => {
+                    w.tasks.insert(wd, record.id.clone());
+                    Some(wd)
+                }
+                Err(e) => {
+                    log::warn!("task {}: cannot watch its cgroup.events: {e}", record.name);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let logs = LogFiles::new(self.task_dir(&record.name));
+        self.disk.note(
+            &logs.text,
+            &format!(
                 "=== {} run {}: {}\n",
                 crate::clock::now_rfc3339(),
                 record.runs,
                 record.prompt
-            )
-            .as_bytes(),
+            ),
         );
         let mut live = Live {
             id: record.id.clone(),
             name: record.name.clone(),
+            key,
+            run,
             pid,
+            start_time,
             pidfd,
             stdout: None,
             stderr: None,
-            parser: StreamParser::new(),
             stderr_line: Vec::new(),
             tail: Tail::new(TAIL_BYTES),
-            raw_log: CappedFile::open(task_dir.join("stdout.jsonl"), FILE_CAP),
-            err_log: CappedFile::open(task_dir.join("stderr.log"), FILE_CAP),
-            text_log,
-            exit: None,
-            stop: None,
-            sweep: Sweep::NotStarted,
+            logs,
+            dropped: 0,
             tmpdir,
+            cgroup,
+            watch,
             followed: false,
         };
+        let mut unwatched = Vec::new();
         for (pipe, rx) in [(Pipe::Stdout, stdout), (Pipe::Stderr, stderr)] {
-            let Some(mut rx) = rx else { continue };
+            let Some(mut rx) = rx else {
+                unwatched.push(pipe);
+                continue;
+            };
             let registered = rx.set_nonblocking(true).and_then(|()| {
                 let token = self
                     .pool
                     .take()
                     .ok_or_else(|| io::Error::other("out of tokens"))?;
-                registry
+                self.registry
                     .register(&mut rx, token, Interest::READABLE)
                     .map(|()| token)
             });
@@ -709,7 +1380,10 @@ impl TaskEngine {
                         Pipe::Stderr => live.stderr = Some((token, rx)),
                     }
                 }
-                Err(e) => log::error!("task {}: cannot watch agent {pipe:?}: {e}", record.name),
+                Err(e) => {
+                    log::error!("task {}: cannot watch agent {pipe:?}: {e}", record.name);
+                    unwatched.push(pipe);
+                }
             }
         }
         log::info!(
@@ -717,358 +1391,17 @@ impl TaskEngine {
             record.name,
             record.cwd
         );
-        self.live.insert(record.id.clone(), live);
+        let id = record.id.clone();
+        self.keys.insert(key, id.clone());
+        self.live.insert(id.clone(), live);
+        let mut events = Vec::new();
+        for pipe in unwatched {
+            if let Some(live) = self.live.get_mut(&id) {
+                live.run.handle_eof(now, pipe, &mut events);
+            }
+        }
+        self.drive(&id, now);
         Ok(())
-    }
-
-    fn stop(&mut self, id: &str, reason: StopReason, now: Instant) {
-        let grace = Duration::from_millis(self.settings.agent.cancel_grace_ms);
-        let Some(live) = self.live.get_mut(id) else {
-            return;
-        };
-        if live
-            .stop
-            .is_some_and(|(r, _)| r == reason || r == StopReason::Cancel)
-        {
-            return;
-        }
-        live.stop = Some((reason, now));
-        if live.exit.is_none() {
-            // SIGINT first: the CLI then stops its own Bash children and reports.
-            let _ = nix::sys::signal::killpg(Pid::from_raw(live.pid), Signal::SIGINT);
-            self.timers
-                .schedule(now + grace / 2, (id.to_string(), TimerKind::Escalate(1)));
-            self.timers
-                .schedule(now + grace, (id.to_string(), TimerKind::Escalate(2)));
-        }
-    }
-
-    fn escalate(&mut self, id: &str, stage: u8, _now: Instant) {
-        let Some(live) = self.live.get(id) else {
-            return;
-        };
-        if live.exit.is_some() {
-            return; // the sweep takes over once the agent is reaped
-        }
-        // The agent is not reaped yet, so its pid (and group id) cannot have been reused.
-        let pid = Pid::from_raw(live.pid);
-        if stage == 1 {
-            let _ = nix::sys::signal::killpg(pid, Signal::SIGTERM);
-        } else {
-            let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-            if let Some(fd) = &live.pidfd {
-                let _ = crate::sys::process::pidfd_send_signal(fd, Signal::SIGKILL);
-            }
-            for p in proc::task_processes(id, Some(live.pid)) {
-                let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-        }
-    }
-
-    fn on_exit(&mut self, registry: &Registry, pid: i32, exit: ExitInfo, now: Instant) {
-        let Some(id) = self
-            .live
-            .iter()
-            .find(|(_, l)| l.pid == pid && l.exit.is_none())
-            .map(|(id, _)| id.clone())
-        else {
-            log::debug!("reaped orphan pid {pid} ({exit:?})");
-            return;
-        };
-        let live = self.live.get_mut(&id).expect("found above");
-        live.exit = Some(exit);
-        live.pidfd = None;
-        let grace = Duration::from_millis(self.settings.agent.cancel_grace_ms.min(2000));
-        // Whatever the agent left behind gets SIGTERM now and SIGKILL after the grace.
-        let survivors = proc::task_processes(&id, None);
-        for p in &survivors {
-            let _ = nix::sys::signal::kill(Pid::from_raw(*p), Signal::SIGTERM);
-        }
-        if survivors.is_empty() {
-            live.sweep = Sweep::Done { at: now };
-        } else {
-            log::info!(
-                "task {}: agent exited, stopping {} leftover process(es)",
-                live.name,
-                survivors.len()
-            );
-            live.sweep = Sweep::Running {
-                started: now,
-                kill_at: now + grace,
-            };
-        }
-        self.sweep_step(registry, &id, now);
-    }
-
-    fn sweep_step(&mut self, registry: &Registry, id: &str, now: Instant) {
-        let Some(live) = self.live.get_mut(id) else {
-            return;
-        };
-        if let Sweep::Running { started, kill_at } = live.sweep {
-            let survivors = proc::task_processes(id, None);
-            if survivors.is_empty() {
-                live.sweep = Sweep::Done { at: now };
-            } else if now >= started + SWEEP_GIVE_UP {
-                log::error!(
-                    "task {}: processes {survivors:?} would not die; giving up on them",
-                    live.name
-                );
-                live.sweep = Sweep::Done { at: now };
-            } else {
-                if now >= kill_at {
-                    for p in &survivors {
-                        let _ = nix::sys::signal::kill(Pid::from_raw(*p), Signal::SIGKILL);
-                    }
-                }
-                self.timers
-                    .schedule(now + SWEEP_POLL, (id.to_string(), TimerKind::Sweep));
-                return;
-            }
-        }
-        let Sweep::Done { at } = live.sweep else {
-            return;
-        };
-        let pipes_open = live.stdout.is_some() || live.stderr.is_some();
-        if pipes_open && now < at + PIPE_GRACE {
-            self.timers
-                .schedule(at + PIPE_GRACE, (id.to_string(), TimerKind::Sweep));
-            return;
-        }
-        self.finish(registry, id, now);
-    }
-
-    fn read_pipe(&mut self, registry: &Registry, token: Token, now: Instant) {
-        let Some((id, pipe)) = self.tokens.get(&token).cloned() else {
-            return;
-        };
-        let Some(live) = self.live.get_mut(&id) else {
-            return;
-        };
-        let slot = match pipe {
-            Pipe::Stdout => &mut live.stdout,
-            Pipe::Stderr => &mut live.stderr,
-        };
-        let Some((_, rx)) = slot.as_mut() else { return };
-        let mut total = 0;
-        let mut eof = false;
-        // Read into the shared scratch buffer up to one budget.
-        while total < READ_BUDGET {
-            match rx.read(&mut self.scratch[total..]) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("task {id}: reading agent {pipe:?}: {e}");
-                    eof = true;
-                    break;
-                }
-            }
-        }
-        if total >= READ_BUDGET && !eof {
-            self.backlog.insert(token);
-        }
-        if eof {
-            if let Some((token, mut rx)) = slot.take() {
-                let _ = registry.deregister(&mut rx);
-                self.tokens.remove(&token);
-                self.backlog.remove(&token);
-                self.pool.release(token);
-            }
-        }
-        let data = &self.scratch[..total];
-        match pipe {
-            Pipe::Stdout => {
-                live.raw_log.write(data);
-                self.stream_events.clear();
-                live.parser.feed(data, &mut self.stream_events);
-                if eof {
-                    live.parser.finish(&mut self.stream_events);
-                }
-                let mut rendered = String::new();
-                for ev in self.stream_events.drain(..) {
-                    render(&ev, &mut rendered);
-                }
-                emit_output(live, &mut self.events, &rendered);
-            }
-            Pipe::Stderr => {
-                live.err_log.write(data);
-                let mut rendered = String::new();
-                for &b in data {
-                    if b == b'\n' {
-                        rendered.push_str("[stderr] ");
-                        rendered.push_str(&String::from_utf8_lossy(&live.stderr_line));
-                        rendered.push('\n');
-                        live.stderr_line.clear();
-                    } else if live.stderr_line.len() < 4096 {
-                        live.stderr_line.push(b);
-                    }
-                }
-                if eof && !live.stderr_line.is_empty() {
-                    rendered.push_str("[stderr] ");
-                    rendered.push_str(&String::from_utf8_lossy(&live.stderr_line));
-                    rendered.push('\n');
-                    live.stderr_line.clear();
-                }
-                emit_output(live, &mut self.events, &rendered);
-            }
-        }
-        if let Some(session) = live.parser.session_id() {
-            let session = session.to_string();
-            let name = self
-                .records
-                .iter()
-                .find(|r| r.id == id)
-                .map(|r| r.name.clone());
-            if let Some(r) = name.and_then(|n| self.record_mut(&n)) {
-                if r.session_id.as_deref() != Some(session.as_str()) {
-                    r.session_id = Some(session);
-                    self.events.push_back(TaskEvent::Changed);
-                }
-            }
-        }
-        if eof {
-            let live = &self.live[&id];
-            if matches!(live.sweep, Sweep::Done { .. })
-                && live.stdout.is_none()
-                && live.stderr.is_none()
-            {
-                self.finish(registry, &id, now);
-            }
-        }
-    }
-
-    /// Decides the outcome and retires the live state. Called once per run.
-    fn finish(&mut self, registry: &Registry, id: &str, _now: Instant) {
-        let Some(mut live) = self.live.remove(id) else {
-            return;
-        };
-        for (token, mut rx) in [live.stdout.take(), live.stderr.take()]
-            .into_iter()
-            .flatten()
-        {
-            // Read what is left without waiting, then let go.
-            let mut rest = Vec::new();
-            let _ = rx.read_to_end(&mut rest);
-            if !rest.is_empty() {
-                live.raw_log.write(&rest);
-                self.stream_events.clear();
-                live.parser.feed(&rest, &mut self.stream_events);
-            }
-            let _ = registry.deregister(&mut rx);
-            self.tokens.remove(&token);
-            self.backlog.remove(&token);
-            self.pool.release(token);
-        }
-        self.stream_events.clear();
-        live.parser.finish(&mut self.stream_events);
-        let exit = live
-            .exit
-            .unwrap_or(ExitInfo::Signal(Signal::SIGKILL as i32));
-        let verdict = super::stream::verdict(&live.parser, exit);
-        let final_text = live
-            .parser
-            .result()
-            .and_then(|r| r.text.clone())
-            .or_else(|| live.parser.last_text().map(str::to_string))
-            .or_else(|| {
-                Some(live.parser.plain_tail().to_string()).filter(|t| !t.trim().is_empty())
-            });
-        let (state, error) = match (live.stop.map(|(r, _)| r), verdict) {
-            (Some(StopReason::Cancel), _) => (TaskState::Cancelled, None),
-            (Some(StopReason::Shutdown), _) => {
-                (TaskState::Interrupted, Some("walkie shut down".to_string()))
-            }
-            (None, Verdict::Succeeded) => (TaskState::Succeeded, None),
-            (None, Verdict::Failed { reason }) => (TaskState::Failed, Some(reason)),
-            (None, Verdict::Interrupted { reason }) => (TaskState::Interrupted, Some(reason)),
-        };
-        let summary = match (state, &error) {
-            (TaskState::Succeeded, _) => final_text
-                .as_deref()
-                .map(|t| redact::speech_summary(t, SUMMARY_CHARS))
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "finished without a final message".into()),
-            (TaskState::Cancelled, _) => "cancelled".to_string(),
-            (_, Some(reason)) => {
-                redact::speech_summary(&format!("{}: {reason}", state.as_str()), SUMMARY_CHARS)
-            }
-            (_, None) => state.as_str().to_string(),
-        };
-        let files: Vec<String> = live.parser.files_changed().to_vec();
-        let session = live.parser.session_id().map(str::to_string);
-        let cost = live.parser.result().and_then(|r| r.total_cost_usd);
-        live.text_log
-            .write(format!("=== {}: {summary}\n", state.as_str()).as_bytes());
-        let tmpdir = live.tmpdir.clone();
-        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
-            return;
-        };
-        record.state = state;
-        record.pid = None;
-        record.pid_start_time = None;
-        record.ended_at = Some(crate::clock::now_rfc3339());
-        record.exit_code = Some(match exit {
-            ExitInfo::Code(c) => c,
-            ExitInfo::Signal(s) => 128 + s,
-        });
-        record.summary = Some(summary.clone());
-        record.error = error.map(|e| redact::redact(&e));
-        record.result_text =
-            final_text.map(|t| truncate_bytes(&redact::redact(&t), RESULT_TEXT_BYTES));
-        if session.is_some() {
-            record.session_id = session;
-        }
-        for f in files {
-            if !record.files_changed.contains(&f) {
-                record.files_changed.push(f);
-            }
-        }
-        if cost.is_some() {
-            record.cost_usd = cost;
-        }
-        let name = record.name.clone();
-        log::info!("task {name} {}: {summary}", state.as_str());
-        // The agent's temp files are its own business; clear them off the loop.
-        std::thread::spawn(move || {
-            let _ = std::fs::remove_dir_all(tmpdir);
-        });
-        self.events.push_back(TaskEvent::Finished {
-            name,
-            state,
-            summary,
-        });
-        self.events.push_back(TaskEvent::Changed);
-        self.prune();
-    }
-
-    fn recover_step(&mut self, now: Instant) {
-        self.recoveries.retain(|r| {
-            let left = proc::task_processes(&r.id, r.root);
-            if left.is_empty() {
-                if r.root.is_some() || now > r.since {
-                    log::info!("task {}: no process of the previous run is left", r.name);
-                }
-                return false;
-            }
-            if now >= r.since + SWEEP_GIVE_UP {
-                log::error!("task {}: leftover processes {left:?} would not die", r.name);
-                return false;
-            }
-            log::warn!(
-                "task {}: stopping {} leftover process(es) of the previous run",
-                r.name,
-                left.len()
-            );
-            for p in left {
-                let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            true
-        });
-        self.recovery_timer = (!self.recoveries.is_empty()).then(|| now + SWEEP_POLL);
     }
 
     fn prune(&mut self) {
@@ -1088,17 +1421,40 @@ impl TaskEngine {
             }
         });
         for name in removed {
-            let _ = std::fs::remove_dir_all(self.task_dir(&name));
+            self.disk.remove_all(self.task_dir(&name));
         }
     }
 }
 
-fn emit_output(live: &mut Live, events: &mut VecDeque<TaskEvent>, rendered: &str) {
+/// The path of a cgroup directory inside its hierarchy (`/walkie-…/task-…`), as
+/// `/proc/<pid>/cgroup` shows it.
+fn cgroup_path(dir: &Path) -> String {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mount = super::contain::cgroup2_mount(&mountinfo).unwrap_or_default();
+    let rel = dir.strip_prefix(&mount).unwrap_or(dir);
+    format!("/{}", rel.display())
+}
+
+/// What `ctl logs` and the log file say about bytes the writer could not take.
+pub fn dropped_note(bytes: u64) -> String {
+    format!(
+        "[walkie: {bytes} bytes of agent output were not written to the log files: the disk did not keep up]"
+    )
+}
+
+fn emit_output(
+    live: &mut Live,
+    disk: &DiskWriter,
+    events: &mut VecDeque<TaskEvent>,
+    rendered: &str,
+) {
     if rendered.is_empty() {
         return;
     }
     live.tail.push(rendered.as_bytes());
-    live.text_log.write(rendered.as_bytes());
+    if !disk.append(&live.logs.text, rendered.as_bytes()) {
+        live.dropped += rendered.len() as u64;
+    }
     if live.followed {
         events.push_back(TaskEvent::Output {
             name: live.name.clone(),
@@ -1159,17 +1515,6 @@ fn truncate_chars(s: &str, max: usize) -> String {
     }
 }
 
-fn truncate_bytes(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1190,6 +1535,5 @@ mod tests {
     fn truncation_respects_char_boundaries() {
         assert_eq!(truncate_chars("héllo", 2), "hé…");
         assert_eq!(truncate_chars("hi", 5), "hi");
-        assert_eq!(truncate_bytes("ééé", 3), "é…");
     }
 }

@@ -2,8 +2,10 @@
 //! on the poll loop, parsed, summarised, and kept in a registry.
 
 pub mod claude;
+pub mod contain;
 pub mod engine;
 pub mod lifecycle;
+pub mod members;
 pub mod names;
 pub mod output;
 pub mod proc;

@@ -80,8 +80,11 @@ fn environ_has(pid: i32, needle: &[u8]) -> bool {
 }
 
 /// Every live process that belongs to the task `task_id`: descendants of `root` (when
-/// given) and every process carrying the task's marker. Never includes walkie itself.
-pub fn task_processes(task_id: &str, root: Option<i32>) -> Vec<i32> {
+/// given as `(pid, start time)` and still that process) and every process carrying the
+/// task's marker. Never includes walkie itself. It reads every `/proc/<pid>/stat` and
+/// `environ`: milliseconds on a busy machine, so it runs on the membership helper thread
+/// (members.rs), never on the poll loop.
+pub fn task_processes(task_id: &str, root: Option<(i32, u64)>) -> Vec<ProcStat> {
     let me = std::process::id() as i32;
     let needle = format!("{MARKER_VAR}={task_id}").into_bytes();
     let stats: Vec<ProcStat> = all_pids().into_iter().filter_map(stat).collect();
@@ -91,7 +94,10 @@ pub fn task_processes(task_id: &str, root: Option<i32>) -> Vec<i32> {
     }
     let mut found: HashSet<i32> = HashSet::new();
     let mut queue: Vec<i32> = Vec::new();
-    if let Some(root) = root {
+    // A root that is not the process it was (its pid reused) roots a stranger's tree.
+    if let Some((root, start)) = root
+        && stats.iter().any(|s| s.pid == root && s.start_time == start)
+    {
         queue.push(root);
     }
     for s in &stats {
@@ -107,13 +113,11 @@ pub fn task_processes(task_id: &str, root: Option<i32>) -> Vec<i32> {
             queue.extend(kids.iter().copied());
         }
     }
-    let alive: HashSet<i32> = stats
-        .iter()
-        .filter(|s| s.is_alive())
-        .map(|s| s.pid)
+    let mut out: Vec<ProcStat> = stats
+        .into_iter()
+        .filter(|s| s.is_alive() && found.contains(&s.pid))
         .collect();
-    let mut out: Vec<i32> = found.into_iter().filter(|p| alive.contains(p)).collect();
-    out.sort_unstable();
+    out.sort_unstable_by_key(|s| s.pid);
     out
 }
 
@@ -160,7 +164,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut found = Vec::new();
         while std::time::Instant::now() < deadline {
-            found = task_processes(&id, None);
+            found = task_processes(&id, None).iter().map(|s| s.pid).collect();
             if found.len() == 2 {
                 break;
             }
@@ -169,10 +173,20 @@ mod tests {
         assert!(found.contains(&(marked.id() as i32)), "{found:?}");
         assert_eq!(found.len(), 2, "sh and its sleep: {found:?}");
         assert!(!found.contains(&(unmarked.id() as i32)));
-        // The tree root alone finds the unmarked one.
+        // The tree root alone finds the unmarked one, if it is still the same process.
+        let root = unmarked.id() as i32;
+        let start = stat(root).unwrap().start_time;
+        let pids = |root| -> Vec<i32> {
+            task_processes("nothing-has-this", root)
+                .iter()
+                .map(|s| s.pid)
+                .collect()
+        };
+        assert_eq!(pids(Some((root, start))), vec![root]);
         assert_eq!(
-            task_processes("nothing-has-this", Some(unmarked.id() as i32)),
-            vec![unmarked.id() as i32]
+            pids(Some((root, start + 1))),
+            Vec::<i32>::new(),
+            "a reused pid"
         );
         for pid in &found {
             let _ = nix::sys::signal::kill(
