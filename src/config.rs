@@ -151,6 +151,26 @@ pub struct AgentConfig {
     pub env_pass: Vec<String>,
     /// Variables set for every agent (override `env_pass`).
     pub env_set: BTreeMap<String, String>,
+    /// `memory.max` of each task's cgroup (`"1G"`, `"512M"`); empty: no limit.
+    pub memory_max: String,
+    /// How every process of a task is known and stopped.
+    pub containment: ContainmentMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainmentMode {
+    /// A cgroup per task where walkie can create cgroups, else the /proc scan.
+    Auto,
+    /// Always the /proc scan (marker and process tree), never a cgroup.
+    Scan,
+}
+
+impl AgentConfig {
+    /// `memory_max` in bytes (`None`: no limit); the value was checked at load.
+    pub fn memory_max_bytes(&self) -> Option<u64> {
+        crate::tasks::contain::parse_size(&self.memory_max)
+    }
 }
 
 impl Default for AgentConfig {
@@ -175,6 +195,8 @@ impl Default for AgentConfig {
                 .map(String::from)
                 .to_vec(),
             env_set: BTreeMap::from([("CLAUDE_CODE_MAX_RETRIES".to_string(), "3".to_string())]),
+            memory_max: String::new(),
+            containment: ContainmentMode::Auto,
         }
     }
 }
@@ -474,6 +496,13 @@ cancel_grace_ms = 3000
 env_pass = ["PATH", "HOME", "USER", "LANG", "TERM", "ANTHROPIC_API_KEY"]
 # Variables set for every agent (they override env_pass; never OPENAI_API_KEY).
 env_set = { CLAUDE_CODE_MAX_RETRIES = "3" }
+# Memory limit of each task's cgroup, e.g. "1G" or "512M" (a task killed for memory is
+# reported failed: "out of memory"). Needs cgroup containment with the memory controller
+# (walkie doctor says); empty: no limit.
+memory_max = ""
+# auto: each task in its own cgroup where walkie can create cgroups (root, or a systemd unit
+# with Delegate=yes), else a /proc scan finds a task's processes; scan: always the scan.
+containment = "auto"
 
 [projects]
 # Names the model may use for a task's directory (absolute or ~/...); a task without one gets a scratch dir.
@@ -777,6 +806,15 @@ impl Config {
                     ),
                 );
             }
+        }
+        if !agent.memory_max.trim().is_empty() && agent.memory_max_bytes().is_none() {
+            flaw(
+                &["agent.memory_max"],
+                format!(
+                    "agent.memory_max: must be a size such as \"1G\" or \"512M\", or \"\" for no limit (got {:?})",
+                    agent.memory_max
+                ),
+            );
         }
         for name in agent.env_set.keys() {
             let at = format!("agent.env_set.{name}");
@@ -1783,6 +1821,26 @@ mod tests {
         );
         // With a key file the variable is unused.
         assert!(parse("[realtime]\napi_key_env = \"HOME\"\napi_key_file = \"/k\"\n").is_ok());
+    }
+
+    #[test]
+    fn containment_keys() {
+        let config = parse("[agent]\nmemory_max = \"512M\"\ncontainment = \"scan\"\n").unwrap();
+        assert_eq!(config.agent.memory_max_bytes(), Some(512 << 20));
+        assert_eq!(config.agent.containment, ContainmentMode::Scan);
+        let default = parse("").unwrap();
+        assert_eq!(default.agent.memory_max_bytes(), None);
+        assert_eq!(default.agent.containment, ContainmentMode::Auto);
+        assert_error(
+            "[agent]\nmemory_max = \"lots\"\n",
+            2,
+            "agent.memory_max: must be a size such as \"1G\"",
+        );
+        assert_error(
+            "\n[agent]\ncontainment = \"jail\"\n",
+            3,
+            "agent.containment: unknown value \"jail\", expected \"auto\" or \"scan\"",
+        );
     }
 
     #[test]

@@ -756,8 +756,7 @@ fn vitals(
 
 fn containment_request(config: &Config, paths: &Paths) -> contain::Request {
     contain::Request {
-        scan_only: false,
-        memory_max: None,
+        scan_only: config.agent.containment == crate::config::ContainmentMode::Scan,
         state_dir: paths.state_dir.clone(),
     }
 }

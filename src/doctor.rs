@@ -75,6 +75,11 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
             "not running (start it with `walkie run` or systemctl --user start walkie)".into(),
         ),
     }
+    line(
+        true,
+        "containment",
+        crate::tasks::contain::doctor_report(&config, &paths),
+    );
     let pcms = crate::audio::list_pcms();
     if config.audio.backend == crate::config::AudioBackend::Alsa {
         line(

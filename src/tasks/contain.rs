@@ -44,10 +44,8 @@ pub struct Cgroups {
     base: PathBuf,
     /// walkie created `base` beside other processes and removes it at exit.
     shared: bool,
-    /// `memory.max` per task, in bytes, when configured and the controller is there.
-    memory_max: Option<u64>,
-    /// Why `agent.memory_max` cannot be applied (controller missing), when configured.
-    memory_problem: Option<String>,
+    /// The memory controller is enabled for task cgroups, or why not.
+    memory: Result<(), String>,
     /// `cgroup.kill` exists (Linux ≥ 5.14).
     kill_file: bool,
     reason: String,
@@ -58,8 +56,6 @@ pub struct Cgroups {
 pub struct Request {
     /// `agent.containment = "scan"`: never use cgroups.
     pub scan_only: bool,
-    /// `agent.memory_max` in bytes.
-    pub memory_max: Option<u64>,
     /// Names walkie's subtree when it shares its cgroup: one per state directory.
     pub state_dir: PathBuf,
 }
@@ -128,38 +124,70 @@ impl Containment {
     }
 }
 
-/// What `walkie doctor` can say without creating anything: which containment a daemon
-/// started now would likely get, and why.
+/// The `walkie doctor` line: what the running daemon uses and why, or else what a daemon
+/// started now would likely get (found without creating anything).
+pub fn doctor_report(config: &crate::config::Config, paths: &crate::paths::Paths) -> String {
+    if let Some(running) = ask_daemon(&paths.control_socket()) {
+        return format!("{running} (the running daemon)");
+    }
+    let scan_only = config.agent.containment == crate::config::ContainmentMode::Scan;
+    let mut text = preview(scan_only);
+    if config.agent.memory_max_bytes().is_some() && !text.contains("memory controller available") {
+        text.push_str("; agent.memory_max will not apply");
+    }
+    text
+}
+
+/// The running daemon's containment, from `walkie ctl status`.
+fn ask_daemon(socket: &Path) -> Option<String> {
+    use std::io::{BufRead, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    stream.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let reply: Value = serde_json::from_str(&line).ok()?;
+    let c = reply.get("status")?.get("containment")?;
+    let reason = c.get("reason")?.as_str()?;
+    Some(match c.get("kind")?.as_str()? {
+        "cgroup" => format!(
+            "a cgroup per task under {} ({reason})",
+            c.get("path").and_then(Value::as_str).unwrap_or("?")
+        ),
+        _ => format!("/proc scan on a helper thread ({reason})"),
+    })
+}
+
+/// What a daemon started now would likely get, and why, without creating anything.
 pub fn preview(scan_only: bool) -> String {
     if scan_only {
-        return "/proc scan (agent.containment is \"scan\")".into();
+        return "/proc scan on a helper thread (agent.containment is \"scan\")".into();
     }
-    let located = locate();
-    match located {
-        Err(reason) => format!("/proc scan on a helper thread ({reason})"),
-        Ok((mount, own)) => {
-            let dir = mount.join(own.trim_start_matches('/'));
-            let writable = nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok();
-            if writable {
-                let memory = read_words(&dir.join("cgroup.controllers"))
-                    .is_some_and(|c| c.iter().any(|w| w == "memory"));
-                format!(
-                    "cgroup v2 per task under {} (memory controller {})",
-                    dir.display(),
-                    if memory {
-                        "available"
-                    } else {
-                        "not available: agent.memory_max cannot apply"
-                    }
-                )
-            } else {
-                format!(
-                    "/proc scan on a helper thread (cannot create cgroups in {}: run walkie as a systemd unit with Delegate=yes for cgroup containment)",
-                    dir.display()
-                )
-            }
+    let (mount, own) = match locate() {
+        Ok(found) => found,
+        Err(reason) => return format!("/proc scan on a helper thread ({reason})"),
+    };
+    let dir = mount.join(own.trim_start_matches('/'));
+    if nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        return format!(
+            "/proc scan on a helper thread (cannot create cgroups in {}: run walkie as root, or as a systemd unit with Delegate=yes)",
+            dir.display()
+        );
+    }
+    let memory = read_words(&dir.join("cgroup.controllers"))
+        .is_some_and(|c| c.iter().any(|w| w == "memory"));
+    format!(
+        "a cgroup per task in {} (cgroup v2 at {}; memory controller {})",
+        dir.display(),
+        mount.display(),
+        if memory {
+            "available"
+        } else {
+            "not available: agent.memory_max cannot apply"
         }
-    }
+    )
 }
 
 impl Cgroups {
@@ -188,14 +216,8 @@ impl Cgroups {
             (base, true)
         };
         let kill_file = base.join("cgroup.kill").exists() || probe_kill_file(&base);
-        let mut memory_max = None;
-        let mut memory_problem = None;
-        if let Some(bytes) = req.memory_max {
-            match enable_memory(&base) {
-                Ok(()) => memory_max = Some(bytes),
-                Err(e) => memory_problem = Some(e),
-            }
-        }
+        // Enabled whatever agent.memory_max says now: a SIGHUP may set it later.
+        let memory = enable_memory(&base);
         let mut reason = format!(
             "cgroup v2 mounted at {}; walkie {}",
             mount.display(),
@@ -205,10 +227,9 @@ impl Cgroups {
                 "owns its cgroup and moved itself into the daemon/ leaf"
             }
         );
-        match (&memory_max, &memory_problem) {
-            (Some(b), _) => reason.push_str(&format!("; memory.max {b} bytes per task")),
-            (None, Some(p)) => reason.push_str(&format!("; agent.memory_max not applied: {p}")),
-            (None, None) => {}
+        match &memory {
+            Ok(()) => reason.push_str("; memory controller enabled (agent.memory_max applies)"),
+            Err(p) => reason.push_str(&format!("; agent.memory_max cannot apply: {p}")),
         }
         if !kill_file {
             reason.push_str("; no cgroup.kill (kernel before 5.14): members are killed one by one");
@@ -216,8 +237,7 @@ impl Cgroups {
         Ok(Cgroups {
             base,
             shared,
-            memory_max,
-            memory_problem,
+            memory,
             kill_file,
             reason,
         })
@@ -236,20 +256,21 @@ impl Cgroups {
         self.kill_file
     }
 
+    /// Why `agent.memory_max` cannot apply here, if it cannot.
     pub fn memory_problem(&self) -> Option<&str> {
-        self.memory_problem.as_deref()
+        self.memory.as_ref().err().map(String::as_str)
     }
 
-    /// Creates task `id`'s cgroup (with its memory limit) and opens its `cgroup.procs` for
-    /// the child to move itself in.
-    pub fn create_task(&self, id: &str) -> io::Result<(PathBuf, OwnedFd)> {
+    /// Creates task `id`'s cgroup, with `memory_max` bytes as its `memory.max` where the
+    /// controller is enabled, and opens its `cgroup.procs` for the child to move itself in.
+    pub fn create_task(&self, id: &str, memory_max: Option<u64>) -> io::Result<(PathBuf, OwnedFd)> {
         let dir = self.task_dir(id);
         match fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        if let Some(bytes) = self.memory_max {
+        if let Some(bytes) = memory_max.filter(|_| self.memory.is_ok()) {
             fs::write(dir.join("memory.max"), bytes.to_string())?;
             // One OOM kill takes the whole task: the agent is never left half-alive.
             let _ = fs::write(dir.join("memory.oom.group"), "1");

@@ -333,6 +333,7 @@ impl TaskEngine {
             engine.add_leftover(now, format!("(cgroup task-{id})"), scope, None);
         }
         engine.records = records;
+        engine.warn_memory_max();
         if changed {
             engine.events.push_back(TaskEvent::Changed);
         }
@@ -341,6 +342,22 @@ impl TaskEngine {
 
     pub fn update_settings(&mut self, settings: EngineSettings) {
         self.settings = settings;
+        self.warn_memory_max();
+    }
+
+    /// `agent.memory_max` is set but cannot apply here: say so once (start, reload).
+    fn warn_memory_max(&self) {
+        if self.settings.agent.memory_max_bytes().is_none() {
+            return;
+        }
+        let problem = match &self.containment {
+            Containment::Scan { reason } => format!("tasks are not in cgroups ({reason})"),
+            Containment::Cgroup(c) => match c.memory_problem() {
+                Some(p) => p.to_string(),
+                None => return,
+            },
+        };
+        log::warn!("agent.memory_max is not applied: {problem}");
     }
 
     pub fn records(&self) -> &[TaskRecord] {
@@ -1231,12 +1248,15 @@ impl TaskEngine {
         }
         let tmpdir = self.settings.paths.runtime_dir.join("tmp").join(&record.id);
         let cgroup = match self.containment.cgroups() {
-            Some(cg) => Some(cg.create_task(&record.id).map_err(|e| {
-                TaskError::Spawn(format!(
-                    "cannot create its cgroup {}: {e}",
-                    cg.task_dir(&record.id).display()
-                ))
-            })?),
+            Some(cg) => Some(
+                cg.create_task(&record.id, self.settings.agent.memory_max_bytes())
+                    .map_err(|e| {
+                        TaskError::Spawn(format!(
+                            "cannot create its cgroup {}: {e}",
+                            cg.task_dir(&record.id).display()
+                        ))
+                    })?,
+            ),
             None => None,
         };
         let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
