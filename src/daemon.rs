@@ -20,6 +20,7 @@ use crate::control::handler::{self, Handled, Parts, Vitals};
 use crate::control::server::Subscription;
 use crate::control::{ControlServer, Request, StartupError, proto};
 use crate::conversation::{Action, Completion, Conversation, ConversationSettings};
+use crate::instance::{InstanceError, InstanceLock};
 use crate::paths::Paths;
 use crate::reactor::{self, Reactor};
 use crate::realtime::events::SessionSettings;
@@ -90,6 +91,8 @@ enum BuildError {
 }
 
 struct Daemon {
+    /// Held for the daemon's lifetime.
+    _instance: InstanceLock,
     reactor: Reactor,
     signals: Signals,
     control: ControlServer,
@@ -131,6 +134,12 @@ impl Daemon {
         paths
             .ensure_private_dirs()
             .map_err(|e| BuildError::Failure(e.to_string()))?;
+        // Before anything reads the state file: a second daemon of this state directory
+        // would take the first one's running tasks for leftovers and kill them.
+        let instance = InstanceLock::acquire(&paths.lock_file()).map_err(|e| match e {
+            e @ InstanceError::AlreadyRunning { .. } => BuildError::Failure(e.to_string()),
+            e => fail("cannot take the instance lock", &e),
+        })?;
         let control = ControlServer::bind(&paths.runtime_dir).map_err(|e| match e {
             e @ StartupError::AlreadyRunning { .. } => BuildError::Failure(e.to_string()),
             e => fail("cannot create the control socket", &e),
@@ -196,6 +205,7 @@ impl Daemon {
             reactor.waker(),
         ));
         let mut daemon = Daemon {
+            _instance: instance,
             reactor,
             signals,
             control,

@@ -62,8 +62,9 @@ impl Paths {
         self.runtime_dir.join("control.sock")
     }
 
+    /// The instance lock: one daemon per state directory (instance.rs).
     pub fn lock_file(&self) -> PathBuf {
-        self.runtime_dir.join("walkie.lock")
+        self.state_dir.join("walkie.lock")
     }
 
     /// Creates walkie's own directories (state, data, runtime) or checks the ones that

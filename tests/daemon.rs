@@ -305,3 +305,45 @@ fn doctor_checks_the_setup_one_line_each() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL configuration"));
 }
+
+#[test]
+fn a_second_daemon_of_the_same_state_directory_refuses_whatever_its_runtime_dir() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "precious", "@stall"]);
+    assert!(wait_until(T, || w.task(&name)["session_id"].is_string()));
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    // As `sudo -u`, `su` or cron would start it: the same state, another runtime dir
+    // (or none at all).
+    let other_runtime = w.path("other-runtime");
+    std::fs::create_dir_all(&other_runtime).unwrap();
+    for runtime in [Some(other_runtime.as_path()), None] {
+        let mut cmd = w.command(&["run"]);
+        cmd.env_remove("XDG_RUNTIME_DIR");
+        if let Some(dir) = runtime {
+            cmd.env("XDG_RUNTIME_DIR", dir);
+        }
+        let out = cmd.stdin(std::process::Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("already running") && err.contains(&format!("pid {}", w.pid())),
+            "{err}"
+        );
+    }
+    // The first daemon's task was never touched.
+    assert!(
+        alive(agent),
+        "the second daemon killed the first one's agent"
+    );
+    let t = w.task(&name);
+    assert_eq!(t["state"], "running", "{t}");
+    assert_eq!(w.state_json()["tasks"][0]["state"], "running");
+    assert_eq!(w.ctl_json(&["status"])["pid"], w.pid());
+    let mode = std::fs::metadata(w.path("state/walkie/walkie.lock"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}

@@ -257,7 +257,7 @@ impl TaskEngine {
             settings.paths.scratch_dir(),
             settings.paths.runtime_dir.join("tmp"),
         ] {
-            super::output::create_private_dirs(&base)?;
+            crate::files::ensure_private_dir(&base).map_err(io::Error::other)?;
         }
         let mut engine = TaskEngine {
             members: MembershipSource::start(Arc::clone(&waker))?,

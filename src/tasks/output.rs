@@ -7,14 +7,13 @@
 //! and then the file is skipped: a full disk must not stop the task or the daemon.
 //!
 //! The files hold unredacted agent output, so they are private whatever the umask: files
-//! 0600, directories 0700, set explicitly after creation, opened without following a
-//! symlink in their last component and refused unless they are regular files. All of it
-//! runs on the task-output writer thread (writer.rs), never on the poll loop.
+//! 0600, directories 0700, set explicitly, opened without following a symlink and refused
+//! unless they are regular files of this user (files.rs). All of it runs on the
+//! task-output writer thread (writer.rs), never on the poll loop.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Bytes of rendered output kept in memory per task.
@@ -91,9 +90,9 @@ impl CappedFile {
     }
 
     fn reopen(&mut self) {
-        match open_private_append(&self.path) {
-            Ok(file) => {
-                self.written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        match open_log(&self.path) {
+            Ok((file, len)) => {
+                self.written = len;
                 self.file = Some(file);
             }
             Err(e) => self.fail(e),
@@ -132,49 +131,16 @@ impl CappedFile {
     }
 }
 
-/// Opens `path` for appending, creating it (and its missing parent directories) private:
-/// mode 0600 (directories 0700) whatever the umask, no symlink followed in the last
-/// component, and only a regular file accepted (a FIFO planted there would block the
-/// writer forever).
-pub fn open_private_append(path: &Path) -> io::Result<File> {
+/// Opens (or creates) a log for appending: its directory 0700 and the file 0600 whatever
+/// the umask, never through a symlink, only a regular file of this user (files.rs). Only
+/// the writer thread writes it, so appending is writing at the end found here.
+fn open_log(path: &Path) -> io::Result<(File, u64)> {
     if let Some(dir) = path.parent() {
-        create_private_dirs(dir)?;
+        crate::files::ensure_private_dir(dir).map_err(io::Error::other)?;
     }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    if meta.permissions().mode() & 0o777 != 0o600 {
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(file)
-}
-
-/// Creates `dir` and its missing parents with mode 0700, whatever the umask; an existing
-/// directory is left as it is (it is not walkie's to change unless walkie made it).
-pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        create_private_dirs(parent)?;
-    }
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    // mkdir's mode went through the umask; the directory is new and ours: set it exactly.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let mut file = crate::files::open_private(path)?;
+    let len = file.seek(SeekFrom::End(0))?;
+    Ok((file, len))
 }
 
 fn rotated_path(path: &Path) -> PathBuf {
@@ -188,18 +154,10 @@ fn rotated_path(path: &Path) -> PathBuf {
 pub fn read_tail(path: &Path, max: u64) -> io::Result<String> {
     let mut out = Vec::new();
     for p in [rotated_path(path), path.to_path_buf()] {
-        // Never through a symlink, never a FIFO (it would block the reader).
-        let Ok(mut f) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&p)
-        else {
+        // Never a FIFO or a device (it would block the reader, or never end).
+        let Ok((mut f, meta)) = crate::files::open_regular(&p) else {
             continue;
         };
-        let meta = f.metadata()?;
-        if !meta.file_type().is_file() {
-            continue;
-        }
         let len = meta.len();
         f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
         f.read_to_end(&mut out)?;
@@ -255,29 +213,34 @@ mod tests {
 
     #[test]
     fn files_are_private_whatever_the_umask_and_never_followed() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         // (The umask itself is process-wide: tests/tasks.rs runs the daemon under umask 000.)
         let log = dir.path().join("tasks/job/log.txt");
-        open_private_append(&log).unwrap();
+        CappedFile::open(log.clone(), 100).write(b"one\n");
         assert_eq!(mode(&log), 0o600);
         assert_eq!(mode(&dir.path().join("tasks/job")), 0o700);
         assert_eq!(mode(&dir.path().join("tasks")), 0o700);
-        // A log left world-readable (by an older walkie under umask 000) is made private.
+        // A log left world-readable (by an older walkie under umask 000) is made private,
+        // and appended to.
         std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
-        open_private_append(&log).unwrap();
+        CappedFile::open(log.clone(), 100).write(b"two\n");
         assert_eq!(mode(&log), 0o600);
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "one\ntwo\n");
         // A symlink planted at the log's name is not followed.
         let target = dir.path().join("target");
         std::fs::write(&target, "precious").unwrap();
         let link = dir.path().join("tasks/job/stdout.jsonl");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(open_private_append(&link).is_err());
+        let mut through_link = CappedFile::open(link, 100);
+        through_link.write(b"overwritten");
+        assert!(through_link.failed);
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
         // Nor a FIFO: it would block the writer.
         let fifo = dir.path().join("tasks/job/stderr.log");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        assert!(open_private_append(&fifo).is_err());
+        assert!(CappedFile::open(fifo, 100).failed);
     }
 
     #[test]
