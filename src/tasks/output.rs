@@ -245,7 +245,10 @@ mod tests {
 
     #[test]
     fn unwritable_file_is_skipped_not_fatal() {
-        let mut f = CappedFile::open(PathBuf::from("/nonexistent-dir/x/log.txt"), 100);
+        // A file where a directory should be: unwritable even for root.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let mut f = CappedFile::open(dir.path().join("file/x/log.txt"), 100);
         f.write(b"hello");
         assert!(f.failed);
     }
