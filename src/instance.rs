@@ -65,7 +65,7 @@ impl InstanceLock {
         let written = lock
             .set_len(0)
             .and_then(|()| lock.rewind())
-            .and_then(|()| write!(&mut *lock, "{}\n", std::process::id()));
+            .and_then(|()| writeln!(&mut *lock, "{}", std::process::id()));
         if let Err(e) = written {
             log::warn!("cannot write the pid into {}: {e}", path.display());
         }
