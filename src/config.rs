@@ -472,6 +472,7 @@ output_wav = ""
 
 [button]
 # evdev node (/dev/input/by-id/...), a FIFO of input_event records, "auto" or "none".
+# "auto" prefers a device with the key that is not a full keyboard; `walkie devices` shows it.
 device = "auto"
 # A KEY_*/BTN_* name or a key code 0..767 (walkie devices lists them).
 key = "KEY_F13"

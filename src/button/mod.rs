@@ -11,6 +11,7 @@ pub mod keycodes;
 pub mod keys;
 mod reader;
 pub mod records;
+pub mod select;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -26,8 +27,10 @@ use crate::reactor::BUTTON;
 pub use keys::ButtonEvent;
 pub use reader::InputDevice;
 
-use keys::KeyMachine;
+use keys::{EV_KEY, KeyMachine};
 use reader::{Kind, OpenDevice, StreamEnd};
+use records::InputRecord;
+use select::Candidate;
 
 /// Where `device = "auto"` looks, and what `walkie devices` lists.
 const INPUT_DIR: &str = "/dev/input";
@@ -36,6 +39,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often an open path is checked for having been removed or replaced: a FIFO deleted
 /// under an idle reader gives no readiness at all, so only a look at the path notices.
+/// With `auto`, also how often the input directory is looked at for devices that came or
+/// went (a better device plugged in takes over the button).
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A configuration the button cannot work with; `walkie run` and `walkie config check`
@@ -63,6 +68,10 @@ pub struct ButtonStatus {
     pub error: Option<String>,
     /// The path being read (or tried).
     pub device: Option<String>,
+    /// The device's name (EVIOCGNAME), when it is an input device.
+    pub name: Option<String>,
+    /// With `device = "auto"`: why this device was chosen.
+    pub chosen: Option<String>,
     /// A talk is in progress.
     pub pressed: bool,
 }
@@ -93,6 +102,21 @@ enum Link {
     },
 }
 
+/// What `device = "auto"` keeps beside the open device (see [`select`]).
+#[derive(Debug, Default)]
+struct Auto {
+    /// The other devices of the chosen one's kind that have the key, open without a grab:
+    /// the key going down on one of them makes it the button.
+    watchers: Vec<OpenDevice>,
+    /// The devices with the key at the last choice, and why the open one was chosen.
+    candidates: Vec<Candidate>,
+    reason: Option<String>,
+    /// The device the key was last pressed on.
+    last_pressed: Option<PathBuf>,
+    /// The event nodes at the last choice; when they change, the choice is made again.
+    nodes: Vec<(PathBuf, u64)>,
+}
+
 /// The push-to-talk button.
 #[derive(Debug)]
 pub struct Button {
@@ -103,6 +127,7 @@ pub struct Button {
     link: Link,
     backoff: Duration,
     input_dir: PathBuf,
+    auto: Auto,
     /// The last problem logged, so a retry that fails the same way every few seconds logs
     /// at debug level instead of filling the journal.
     last_logged: Option<String>,
@@ -128,6 +153,7 @@ impl Button {
             link: Link::NotStarted,
             backoff: BACKOFF_MIN,
             input_dir: PathBuf::from(INPUT_DIR),
+            auto: Auto::default(),
             last_logged: None,
         })
     }
@@ -156,10 +182,15 @@ impl Button {
         if event.token() != BUTTON {
             return;
         }
+        self.drain_watchers(registry, now);
         let Link::Open { device, .. } = &mut self.link else {
             return; // a stale event for an fd already closed
         };
+        let was_pressed = self.keys.is_pressed();
         let drained = device.do_read(&mut self.keys, self.key, now);
+        if self.spec == DeviceSpec::Auto && !was_pressed && self.keys.is_pressed() {
+            self.auto.last_pressed = Some(device.path().to_owned());
+        }
         if drained.got_data {
             self.backoff = BACKOFF_MIN;
         }
@@ -189,7 +220,12 @@ impl Button {
         match &mut self.link {
             Link::Waiting { retry_at, .. } if *retry_at <= now => self.open(registry, now, false),
             Link::Open { device, watch_at } if *watch_at <= now => match device.check_path() {
-                Ok(()) => *watch_at = now + WATCH_INTERVAL,
+                Ok(()) => {
+                    *watch_at = now + WATCH_INTERVAL;
+                    if self.spec == DeviceSpec::Auto {
+                        self.rescan(registry, now);
+                    }
+                }
                 Err(reason) => self.lose(registry, now, reason),
             },
             _ => {}
@@ -235,10 +271,19 @@ impl Button {
                 (state, Some(error.clone()), configured)
             }
         };
+        let (name, chosen) = match &self.link {
+            Link::Open { device, .. } => (
+                device.name().map(str::to_owned),
+                self.auto.reason.as_ref().map(|r| format!("auto: {r}")),
+            ),
+            _ => (None, None),
+        };
         ButtonStatus {
             state,
             error,
             device,
+            name,
+            chosen,
             pressed: self.keys.is_pressed(),
         }
     }
@@ -255,7 +300,7 @@ impl Button {
     fn open(&mut self, registry: &Registry, now: Instant, routine: bool) {
         let opened = match &self.spec {
             DeviceSpec::Path(path) => OpenDevice::open(path, self.key, self.grab),
-            DeviceSpec::Auto => OpenDevice::find(&self.input_dir, self.key, self.grab),
+            DeviceSpec::Auto => self.choose(),
             DeviceSpec::None => return,
         };
         let registered = opened.and_then(|mut device| match device.register(registry) {
@@ -269,7 +314,11 @@ impl Button {
             Ok(device) => {
                 self.keys.handle_attach(device.key_down(self.key));
                 let name = device.name().map(|n| format!(" ({n})")).unwrap_or_default();
-                let message = format!("button: reading {}{name}", device.path().display());
+                let why = match &self.auto.reason {
+                    Some(reason) if self.spec == DeviceSpec::Auto => format!(": {reason}"),
+                    _ => String::new(),
+                };
+                let message = format!("button: reading {}{name}{why}", device.path().display());
                 if routine && self.last_logged.is_none() {
                     debug!("{message}");
                 } else {
@@ -280,9 +329,168 @@ impl Button {
                     device,
                     watch_at: now + WATCH_INTERVAL,
                 };
+                self.open_watchers(registry);
             }
             Err(e) => self.wait(now, true, &e),
         }
+    }
+
+    /// `auto`: scans the input directory, picks the button and opens it (not registered).
+    /// Remembers the devices of its kind for [`Button::open_watchers`].
+    fn choose(&mut self) -> Result<OpenDevice, reader::OpenError> {
+        self.auto.nodes = reader::node_identities(&self.input_dir);
+        let scan = reader::scan(&self.input_dir, self.key);
+        let key_name = keycodes::describe(self.key);
+        let Some(choice) = select::choose(
+            &scan.candidates,
+            &key_name,
+            self.auto.last_pressed.as_deref(),
+        ) else {
+            self.auto.candidates.clear();
+            self.auto.reason = None;
+            return Err(scan.no_device(&self.input_dir, self.key));
+        };
+        let device = OpenDevice::open(&scan.candidates[choice.chosen].path, self.key, self.grab)?;
+        self.auto.reason = Some(choice.reason);
+        let watch: Vec<Candidate> = choice
+            .watch
+            .iter()
+            .map(|&i| scan.candidates[i].clone())
+            .collect();
+        self.auto.candidates = scan.candidates;
+        // Opened once the button is registered; kept here until then.
+        self.auto.watchers.clear();
+        for candidate in watch {
+            match OpenDevice::open(&candidate.path, self.key, false) {
+                Ok(watcher) => self.auto.watchers.push(watcher),
+                Err(e) => debug!("button: cannot watch {}: {e}", candidate.label()),
+            }
+        }
+        Ok(device)
+    }
+
+    /// Registers the watchers [`Button::choose`] opened; one that cannot be polled is dropped.
+    fn open_watchers(&mut self, registry: &Registry) {
+        let watchers = std::mem::take(&mut self.auto.watchers);
+        for mut watcher in watchers {
+            match watcher.register(registry) {
+                Ok(()) => {
+                    debug!(
+                        "button: watching {} for {}",
+                        watcher.path().display(),
+                        keycodes::describe(self.key)
+                    );
+                    self.auto.watchers.push(watcher);
+                }
+                Err(e) => {
+                    debug!("button: {e}");
+                    watcher.close(registry);
+                }
+            }
+        }
+    }
+
+    /// `auto`: reads the watched devices; the key going down on one makes it the button.
+    /// A watched device that went away is dropped (the directory rescan notices the rest).
+    fn drain_watchers(&mut self, registry: &Registry, now: Instant) {
+        let mut pressed_on = None;
+        let mut i = 0;
+        while i < self.auto.watchers.len() {
+            let (drained, pressed) = self.auto.watchers[i].drain_for_press(self.key);
+            if drained.end.is_some() {
+                let gone = self.auto.watchers.swap_remove(i);
+                debug!("button: {} no longer watched", gone.path().display());
+                gone.close(registry);
+                continue;
+            }
+            if pressed && pressed_on.is_none() {
+                pressed_on = Some(i);
+            }
+            i += 1;
+        }
+        if let Some(i) = pressed_on {
+            self.promote(i, now);
+        }
+    }
+
+    /// The key went down on watched device `i`: it becomes the button (and takes the grab),
+    /// the previous one is watched instead, and the press counts.
+    fn promote(&mut self, i: usize, now: Instant) {
+        let Link::Open { device, .. } = &mut self.link else {
+            return;
+        };
+        let new = self.auto.watchers.swap_remove(i);
+        if self.grab {
+            device.set_grab(false);
+            new.set_grab(true);
+        }
+        // The old device's key state ends with it; the new one starts up, then goes down.
+        self.keys.handle_detach();
+        let old = std::mem::replace(device, new);
+        self.auto.watchers.push(old);
+        self.keys.handle_attach(false);
+        self.keys
+            .handle_record(now, InputRecord::new(EV_KEY, self.key, 1));
+        if !device.key_down(self.key) {
+            // A tap: it was over before walkie read it.
+            self.keys
+                .handle_record(now, InputRecord::new(EV_KEY, self.key, 0));
+        }
+        let path = device.path().to_owned();
+        self.auto.last_pressed = Some(path.clone());
+        let key_name = keycodes::describe(self.key);
+        self.auto.reason = select::choose(&self.auto.candidates, &key_name, Some(&path))
+            .filter(|c| self.auto.candidates[c.chosen].path == path)
+            .map(|c| c.reason)
+            .or_else(|| Some(format!("{key_name} was last pressed on it")));
+        info!(
+            "button: {key_name} pressed on {}; it is the button now",
+            device
+                .name()
+                .map_or_else(|| path.display().to_string(), str::to_owned)
+        );
+    }
+
+    /// `auto`, once per [`WATCH_INTERVAL`]: when devices came or went, chooses again. A
+    /// different choice takes over between talks, never in the middle of one.
+    fn rescan(&mut self, registry: &Registry, now: Instant) {
+        let nodes = reader::node_identities(&self.input_dir);
+        if nodes == self.auto.nodes || self.keys.is_pressed() {
+            return;
+        }
+        let current = match &self.link {
+            Link::Open { device, .. } => device.path().to_owned(),
+            _ => return,
+        };
+        let scan = reader::scan(&self.input_dir, self.key);
+        let key_name = keycodes::describe(self.key);
+        let last = self.auto.last_pressed.as_deref();
+        let Some(choice) = select::choose(&scan.candidates, &key_name, last) else {
+            return; // the open device's own read or path check reports its loss
+        };
+        if scan.candidates[choice.chosen].path != current {
+            info!(
+                "button: input devices changed; {} is the better button",
+                scan.candidates[choice.chosen].label()
+            );
+            self.close(registry);
+            self.open(registry, now, false);
+            return;
+        }
+        // Same button: only the watched set changes.
+        self.auto.nodes = nodes;
+        for watcher in std::mem::take(&mut self.auto.watchers) {
+            watcher.close(registry);
+        }
+        for &i in &choice.watch {
+            match OpenDevice::open(&scan.candidates[i].path, self.key, false) {
+                Ok(watcher) => self.auto.watchers.push(watcher),
+                Err(e) => debug!("button: cannot watch {}: {e}", scan.candidates[i].label()),
+            }
+        }
+        self.auto.reason = Some(choice.reason);
+        self.auto.candidates = scan.candidates;
+        self.open_watchers(registry);
     }
 
     /// The open device went away: close (releasing a held key), retry after the backoff.
@@ -314,6 +522,9 @@ impl Button {
     /// Closes the open device, if any. The key machine hears of it: a talk the device's
     /// key started ends (forced), since no release can come from a closed fd.
     fn close(&mut self, registry: &Registry) {
+        for watcher in std::mem::take(&mut self.auto.watchers) {
+            watcher.close(registry);
+        }
         match std::mem::replace(&mut self.link, Link::Disabled) {
             Link::Open { device, .. } => {
                 self.keys.handle_detach();
@@ -328,6 +539,18 @@ impl Button {
 /// `walkie devices`.
 pub fn list_input_devices(key: Option<u16>) -> Vec<InputDevice> {
     reader::list_devices_in(Path::new(INPUT_DIR), key)
+}
+
+/// What `device = "auto"` would choose for `key` now, for `walkie devices`: the device
+/// (path and name) and why, or why there is none. A running walkie may differ: it also
+/// remembers which device the key was last pressed on.
+pub fn auto_choice(key: u16) -> Result<(String, String), String> {
+    let dir = Path::new(INPUT_DIR);
+    let scan = reader::scan(dir, key);
+    match select::choose(&scan.candidates, &keycodes::describe(key), None) {
+        Some(choice) => Ok((scan.candidates[choice.chosen].label(), choice.reason)),
+        None => Err(scan.no_device(dir, key).to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -441,7 +664,8 @@ mod tests {
             json,
             serde_json::json!({
                 "state": "opening", "error": null,
-                "device": "/run/walkie-button", "pressed": false
+                "device": "/run/walkie-button", "name": null, "chosen": null,
+                "pressed": false
             })
         );
     }

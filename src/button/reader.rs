@@ -21,8 +21,9 @@ use serde::Serialize;
 use super::keycodes;
 use super::keys::KeyMachine;
 use super::records::{RECORD_SIZE, RecordDecoder};
+use super::select::{self, Candidate};
 use crate::reactor::BUTTON;
-use crate::sys::evdev;
+use crate::sys::evdev::{self, KeySet};
 
 /// Records read per `read(2)`; evdev hands out whole records only.
 const READ_RECORDS: usize = 64;
@@ -142,39 +143,6 @@ impl OpenDevice {
         })
     }
 
-    /// The first `eventN` under `dir` (in number order) that can send `key`.
-    pub fn find(dir: &Path, key: u16, grab: bool) -> Result<OpenDevice, OpenError> {
-        let mut unreadable = 0;
-        let nodes = event_nodes(dir);
-        for path in &nodes {
-            match OpenOptionsNonBlocking::open(path) {
-                Ok(file) => {
-                    if evdev::has_key(file.as_fd(), key).unwrap_or(false) {
-                        drop(file);
-                        return OpenDevice::open(path, key, grab);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => unreadable += 1,
-                Err(e) => debug!("button: skipping {}: {e}", path.display()),
-            }
-        }
-        let hint = if nodes.is_empty() {
-            format!(" ({} has no event devices)", dir.display())
-        } else if unreadable > 0 {
-            format!(
-                " ({unreadable} of {} under {} not readable: add the user to the \"input\" group)",
-                nodes.len(),
-                dir.display()
-            )
-        } else {
-            String::new()
-        };
-        Err(OpenError::NoDevice {
-            key: keycodes::describe(key),
-            hint,
-        })
-    }
-
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -185,6 +153,45 @@ impl OpenDevice {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Takes or gives back exclusive use (evdev only); a refusal is logged, not fatal.
+    pub fn set_grab(&self, grab: bool) {
+        if self.kind == Kind::Evdev
+            && let Err(e) = evdev::grab(self.file.as_fd(), grab)
+        {
+            warn!(
+                "button: cannot {} {}: {e}",
+                if grab { "grab" } else { "release the grab on" },
+                self.path.display()
+            );
+        }
+    }
+
+    /// For a watched device (`auto`): reads until `WouldBlock` and says whether `key` went
+    /// down in what was read. Nothing else in its records matters.
+    pub fn drain_for_press(&mut self, key: u16) -> (Drained, bool) {
+        let mut buf = [0u8; RECORD_SIZE * READ_RECORDS];
+        let mut pressed = false;
+        let mut got_data = false;
+        loop {
+            let end = match self.file.read(&mut buf) {
+                Ok(0) => Some(StreamEnd::Eof),
+                Ok(n) => {
+                    got_data = true;
+                    self.decoder.feed(&buf[..n], |record| {
+                        pressed |= record.kind == super::keys::EV_KEY
+                            && record.code == key
+                            && record.value == 1;
+                    });
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Some(StreamEnd::Error(e)),
+            };
+            return (Drained { got_data, end }, pressed);
+        }
     }
 
     /// Whether `key` is down right now; only an evdev node can say, others start up.
@@ -345,6 +352,73 @@ fn event_nodes(dir: &Path) -> Vec<PathBuf> {
     nodes.into_iter().map(|(_, path)| path).collect()
 }
 
+/// What `auto` found under the input directory.
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    /// The devices that have the key, in event number order.
+    pub candidates: Vec<Candidate>,
+    /// Event nodes looked at.
+    pub nodes: usize,
+    /// Of those, how many could not be opened for lack of permission.
+    pub unreadable: usize,
+}
+
+impl Scan {
+    /// The error when no device has the key, with a hint at the likely cause.
+    pub fn no_device(&self, dir: &Path, key: u16) -> OpenError {
+        let hint = if self.nodes == 0 {
+            format!(" ({} has no event devices)", dir.display())
+        } else if self.unreadable > 0 {
+            format!(
+                " ({} of {} under {} not readable: add the user to the \"input\" group)",
+                self.unreadable,
+                self.nodes,
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
+        OpenError::NoDevice {
+            key: keycodes::describe(key),
+            hint,
+        }
+    }
+}
+
+/// Describes every event node under `dir` that can send `key`, for [`select::choose`].
+pub(super) fn scan(dir: &Path, key: u16) -> Scan {
+    let mut scan = Scan::default();
+    for path in event_nodes(dir) {
+        scan.nodes += 1;
+        match OpenOptionsNonBlocking::open(&path) {
+            Ok(file) => {
+                let Ok(keys) = evdev::supported_keys(file.as_fd()) else {
+                    continue;
+                };
+                if keys.contains(key) {
+                    let name = evdev::device_name(file.as_fd()).unwrap_or_default();
+                    scan.candidates.push(Candidate::new(path, name, &keys));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => scan.unreadable += 1,
+            Err(e) => debug!("button: skipping {}: {e}", path.display()),
+        }
+    }
+    scan
+}
+
+/// The event nodes under `dir` with their inode numbers: when this changes, devices came,
+/// went or were re-created.
+pub(super) fn node_identities(dir: &Path) -> Vec<(PathBuf, u64)> {
+    event_nodes(dir)
+        .into_iter()
+        .filter_map(|path| {
+            let ino = std::fs::symlink_metadata(&path).ok()?.ino();
+            Some((path, ino))
+        })
+        .collect()
+}
+
 /// One `/dev/input/event*` node, for `walkie devices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InputDevice {
@@ -356,6 +430,10 @@ pub struct InputDevice {
     pub has_key: Option<bool>,
     /// Why the node could not be read (e.g. permission denied).
     pub error: Option<String>,
+    /// How many keys it has; `None` when it could not be asked.
+    pub key_count: Option<usize>,
+    /// It has the letter keys A–Z; `None` when it could not be asked.
+    pub full_keyboard: Option<bool>,
 }
 
 /// The event nodes under `dir`, described.
@@ -369,10 +447,13 @@ pub(super) fn list_devices_in(dir: &Path, key: Option<u16>) -> Vec<InputDevice> 
                     .as_ref()
                     .err()
                     .map(|e| format!("not an input device: {e}"));
+                let keys = evdev::supported_keys(file.as_fd()).ok();
                 InputDevice {
                     name: name.ok(),
-                    has_key: key.and_then(|k| evdev::has_key(file.as_fd(), k).ok()),
+                    has_key: key.and_then(|k| Some(keys.as_ref()?.contains(k))),
                     error,
+                    key_count: keys.as_ref().map(KeySet::len),
+                    full_keyboard: keys.as_ref().map(select::is_full_keyboard),
                     path,
                 }
             }
@@ -380,6 +461,8 @@ pub(super) fn list_devices_in(dir: &Path, key: Option<u16>) -> Vec<InputDevice> 
                 name: None,
                 has_key: None,
                 error: Some(e.to_string()),
+                key_count: None,
+                full_keyboard: None,
                 path,
             },
         })
@@ -441,20 +524,51 @@ mod tests {
     }
 
     #[test]
-    fn find_skips_non_evdev_nodes_and_says_what_it_looked_for() {
+    fn scan_skips_non_evdev_nodes_and_says_what_it_looked_for() {
         let dir = tempfile::tempdir().unwrap();
         nix::unistd::mkfifo(&dir.path().join("event0"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let err = OpenDevice::find(dir.path(), 183, false).unwrap_err();
-        assert_eq!(err.to_string(), "no input device has KEY_F13");
-        let empty = tempfile::tempdir().unwrap();
-        let err = OpenDevice::find(empty.path(), 0x110, false).unwrap_err();
+        let found = scan(dir.path(), 183);
+        assert!(found.candidates.is_empty());
+        assert_eq!((found.nodes, found.unreadable), (1, 0));
         assert_eq!(
-            err.to_string(),
+            found.no_device(dir.path(), 183).to_string(),
+            "no input device has KEY_F13"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let found = scan(empty.path(), 0x110);
+        assert_eq!(
+            found.no_device(empty.path(), 0x110).to_string(),
             format!(
                 "no input device has BTN_LEFT ({} has no event devices)",
                 empty.path().display()
             )
         );
+        let unreadable = Scan {
+            nodes: 3,
+            unreadable: 2,
+            ..Scan::default()
+        };
+        assert_eq!(
+            unreadable
+                .no_device(Path::new("/dev/input"), 183)
+                .to_string(),
+            "no input device has KEY_F13 (2 of 3 under /dev/input not readable: add the user \
+             to the \"input\" group)"
+        );
+    }
+
+    #[test]
+    fn node_identities_change_when_a_node_is_re_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("event1");
+        std::fs::write(&node, b"").unwrap();
+        let before = node_identities(dir.path());
+        assert_eq!(before.len(), 1);
+        assert_eq!(node_identities(dir.path()), before);
+        let keep = dir.path().join("keep"); // holds the inode so it is not reused
+        std::fs::rename(&node, &keep).unwrap();
+        std::fs::write(&node, b"").unwrap();
+        assert_ne!(node_identities(dir.path()), before);
     }
 
     #[test]

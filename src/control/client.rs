@@ -235,6 +235,19 @@ fn print_status(st: &Value) {
     }
     println!("audio:    {}", part("audio"));
     println!("button:   {}", part("button"));
+    if let Some(button) = st.get("button") {
+        if let Some(device) = button.get("device").and_then(Value::as_str) {
+            let name = button
+                .get("name")
+                .and_then(Value::as_str)
+                .map(|n| format!(" (\"{n}\")"))
+                .unwrap_or_default();
+            println!("          {device}{name}");
+        }
+        if let Some(chosen) = button.get("chosen").and_then(Value::as_str) {
+            println!("          {chosen}");
+        }
+    }
     let tasks = st.get("tasks").unwrap_or(&Value::Null);
     println!(
         "tasks:    {} running, {} finished",

@@ -67,8 +67,47 @@ pub fn key_is_down(fd: BorrowedFd<'_>, code: u16) -> io::Result<bool> {
 /// Whether the device can send key `code` at all (EVIOCGBIT(EV_KEY)). An `Err` means the fd
 /// is not an evdev node.
 pub fn has_key(fd: BorrowedFd<'_>, code: u16) -> io::Result<bool> {
-    let bits = read_key_bitmap(fd, eviocgbit(EV_KEY, KEY_BITMAP_LEN))?;
-    Ok(bit_is_set(&bits, code))
+    Ok(supported_keys(fd)?.contains(code))
+}
+
+/// The key codes a device can send, as EVIOCGBIT(EV_KEY) reports them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySet([u8; KEY_BITMAP_LEN]);
+
+impl KeySet {
+    /// A set holding exactly `codes` (codes past [`KEY_MAX`] are left out).
+    pub fn from_codes(codes: impl IntoIterator<Item = u16>) -> KeySet {
+        let mut bits = [0u8; KEY_BITMAP_LEN];
+        for code in codes.into_iter().filter(|&c| c <= KEY_MAX) {
+            bits[usize::from(code) / 8] |= 1 << (code % 8);
+        }
+        KeySet(bits)
+    }
+
+    pub fn contains(&self, code: u16) -> bool {
+        bit_is_set(&self.0, code)
+    }
+
+    /// How many codes the device can send.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&b| b == 0)
+    }
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeySet({} keys)", self.len())
+    }
+}
+
+/// The key codes the device can send (EVIOCGBIT(EV_KEY)). An `Err` means the fd is not an
+/// evdev node.
+pub fn supported_keys(fd: BorrowedFd<'_>) -> io::Result<KeySet> {
+    read_key_bitmap(fd, eviocgbit(EV_KEY, KEY_BITMAP_LEN)).map(KeySet)
 }
 
 /// Takes (`true`) or gives back (`false`) exclusive use of the device (EVIOCGRAB), so its
@@ -146,11 +185,22 @@ mod tests {
     }
 
     #[test]
+    fn key_sets_count_and_answer_membership() {
+        let set = KeySet::from_codes([1, 183, KEY_MAX, KEY_MAX + 1]);
+        assert_eq!(set.len(), 3, "a code past KEY_MAX is left out");
+        assert!(set.contains(183) && set.contains(KEY_MAX) && set.contains(1));
+        assert!(!set.contains(0) && !set.contains(184));
+        assert!(KeySet::from_codes([]).is_empty());
+        assert!(!set.is_empty());
+    }
+
+    #[test]
     fn ioctls_on_a_pipe_fail_instead_of_pretending() {
         let (read_end, _write_end) = nix::unistd::pipe().unwrap();
         let fd = read_end.as_fd();
         assert!(key_is_down(fd, 183).is_err());
         assert!(has_key(fd, 183).is_err());
+        assert!(supported_keys(fd).is_err());
         assert!(grab(fd, true).is_err());
         assert!(device_name(fd).is_err());
     }
