@@ -7,11 +7,25 @@ missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
-if [ -n "$missing" ]; then
+# The kernel tests' guest (tests/kernel, tools/vm): a stock Debian kernel under qemu.
+# Without recommends: they would pull in a desktop stack.
+VM_PKGS="qemu-system-x86 linux-image-amd64 busybox-static kmod cpio"
+vm_missing=""
+if [ "$(dpkg --print-architecture)" = amd64 ]; then
+  for p in $VM_PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || vm_missing="$vm_missing $p"
+  done
+fi
+if [ -n "$missing$vm_missing" ]; then
   if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  echo "deps: installing$missing"
+  echo "deps: installing$missing$vm_missing"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+  if [ -n "$missing" ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+  fi
+  if [ -n "$vm_missing" ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $vm_missing
+  fi
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "deps: cargo is missing: install Rust (stable, 1.85 or newer) with rustup: https://rustup.rs" >&2

@@ -1,0 +1,264 @@
+//! Both sides of the rig. On the host, the first kernel test to run builds the guest
+//! (tools/vm/mkguest.sh), boots it once (tools/vm/boot.sh) with this very test binary as
+//! the guest's program, and every test then reads its own result from what the guest
+//! wrote. In the guest (`WALKIE_KERNEL_GUEST` names the share), each test runs its body
+//! and records the outcome for the host.
+//!
+//! Nothing here passes silently: no qemu, no kernel, a boot that runs out of time or a test
+//! the guest never reported are failures that say what went wrong.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+/// The guest runs every selected test in one boot; this bounds it (the suite takes about
+/// two minutes on a 2-core machine).
+const BOOT_LIMIT_S: u64 = 420;
+/// Set in the guest to the share's path.
+const GUEST_ENV: &str = "WALKIE_KERNEL_GUEST";
+
+/// Runs kernel test `name`: its body in the guest, its guest result on the host.
+pub fn run(name: &str, body: impl FnOnce()) {
+    match std::env::var_os(GUEST_ENV) {
+        Some(share) => in_guest(Path::new(&share), name, body),
+        None => on_host(name),
+    }
+}
+
+fn append(path: &Path, line: &Value) {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    writeln!(f, "{line}").unwrap();
+}
+
+fn in_guest(share: &Path, name: &str, body: impl FnOnce()) {
+    eprintln!("=== kernel test {name}: start");
+    let started = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(body));
+    let ms = started.elapsed().as_millis() as u64;
+    let error = outcome.as_ref().err().map(|payload| {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into())
+    });
+    append(
+        &share.join("results.jsonl"),
+        &json!({"test": name, "ok": error.is_none(), "ms": ms, "error": error}),
+    );
+    eprintln!("=== kernel test {name}: end ({ms} ms)");
+    if let Err(payload) = outcome {
+        resume_unwind(payload);
+    }
+}
+
+struct GuestResult {
+    ok: bool,
+    ms: u64,
+    error: String,
+}
+
+struct GuestRun {
+    results: HashMap<String, GuestResult>,
+    /// Everything the guest's tests printed.
+    console: String,
+    /// What went wrong with the boot itself, if anything.
+    problem: Option<String>,
+    measurements: Vec<Value>,
+    seconds: f64,
+}
+
+static RUN: OnceLock<Result<GuestRun, String>> = OnceLock::new();
+
+fn on_host(name: &str) {
+    let run = match RUN.get_or_init(boot) {
+        Ok(run) => run,
+        Err(e) => panic!("the kernel tests could not run: {e}"),
+    };
+    for m in run.measurements.iter().filter(|m| m["test"] == name) {
+        eprintln!("{name}: measured in the guest: {}", m["figures"]);
+    }
+    match run.results.get(name) {
+        Some(r) if r.ok => eprintln!("{name}: passed in the guest ({} ms)", r.ms),
+        Some(r) => panic!(
+            "failed in the guest after {} ms: {}\n--- the guest's output for this test ---\n{}",
+            r.ms,
+            r.error,
+            section(&run.console, name)
+        ),
+        None => panic!(
+            "the guest did not report {name} (boot of {:.0} s: {})\n--- the end of the guest's output ---\n{}",
+            run.seconds,
+            run.problem.as_deref().unwrap_or("it ended normally"),
+            tail(&run.console, 80)
+        ),
+    }
+}
+
+fn section(console: &str, name: &str) -> String {
+    let start = format!("=== kernel test {name}: start");
+    let end = format!("=== kernel test {name}: end");
+    let Some(from) = console.find(&start) else {
+        return tail(console, 60);
+    };
+    let to = console[from..]
+        .find(&end)
+        .map_or(console.len(), |i| from + i + end.len());
+    tail(&console[from..to], 150)
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The host's test filters, for the guest to select the same tests.
+fn forwarded_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--exact" | "--ignored" | "--include-ignored" => out.push(arg),
+            "--skip" => {
+                out.push(arg);
+                out.extend(args.next());
+            }
+            // Options that take a value this runner does not forward.
+            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" | "--shuffle-seed" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+/// Shares of earlier runs whose test process is gone (each run keeps its own, so two test
+/// runs in one tree do not mix their results).
+fn remove_stale_shares(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn boot() -> Result<GuestRun, String> {
+    if cfg!(not(target_arch = "x86_64")) {
+        return Err(
+            "the guest is an x86-64 Debian kernel running this host's binaries: x86-64 hosts only"
+                .into(),
+        );
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-vm");
+    let guest = base.join("guest");
+    let built = Command::new(repo.join("tools/vm/mkguest.sh"))
+        .arg(&guest)
+        .output()
+        .map_err(|e| format!("cannot run tools/vm/mkguest.sh: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "cannot build the guest (tools/vm/mkguest.sh): {}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        ));
+    }
+    remove_stale_shares(&base);
+    let share = base.join(format!("run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&share);
+    std::fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("no path to this test binary: {e}"))?;
+    let args: Vec<String> = forwarded_args().iter().map(|a| shell_quote(a)).collect();
+    let script = format!(
+        "cd {repo}\n\
+         export HOME=/tmp LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export {GUEST_ENV}={share} RUST_BACKTRACE=0\n\
+         exec {exe} --test-threads=1 --nocapture {args}\n",
+        repo = shell_quote(&repo.display().to_string()),
+        share = shell_quote(&share.display().to_string()),
+        exe = shell_quote(&exe.display().to_string()),
+        args = args.join(" "),
+    );
+    std::fs::write(share.join("run"), script).map_err(|e| e.to_string())?;
+
+    let started = Instant::now();
+    let booted = Command::new(repo.join("tools/vm/boot.sh"))
+        .arg(&guest)
+        .arg(&share)
+        .arg(BOOT_LIMIT_S.to_string())
+        .output()
+        .map_err(|e| format!("cannot run tools/vm/boot.sh: {e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&booted.stderr).trim().to_string();
+    let problem = match booted.status.code() {
+        // 0: every test passed; 101: libtest saw failures, reported one by one.
+        Some(0) | Some(101) => None,
+        Some(124) => Some(format!(
+            "the guest ran out of time ({BOOT_LIMIT_S} s): {stderr}"
+        )),
+        Some(127) => return Err(stderr),
+        code => Some(format!("the guest's run ended with {code:?}: {stderr}")),
+    };
+    let console = std::fs::read_to_string(share.join("console.log")).unwrap_or_default();
+    let results: HashMap<String, GuestResult> =
+        std::fs::read_to_string(share.join("results.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| {
+                let r = GuestResult {
+                    ok: v["ok"] == true,
+                    ms: v["ms"].as_u64().unwrap_or(0),
+                    error: v["error"].as_str().unwrap_or("").to_string(),
+                };
+                (v["test"].as_str().unwrap_or("").to_string(), r)
+            })
+            .collect();
+    if results.is_empty() && problem.is_some() {
+        return Err(format!(
+            "{}\n--- the end of the guest's output ---\n{}",
+            problem.unwrap_or_default(),
+            tail(&console, 60)
+        ));
+    }
+    let measurements = std::fs::read_to_string(share.join("measurements.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    eprintln!(
+        "kernel tests: one guest boot ran {} test(s) in {seconds:.1} s; its output: {}",
+        results.len(),
+        share.join("console.log").display()
+    );
+    Ok(GuestRun {
+        results,
+        console,
+        problem,
+        measurements,
+        seconds,
+    })
+}
