@@ -48,9 +48,14 @@ pub const FAKE_REALTIME: &str = beside_walkie!("fake-realtime");
 /// test process. `cargo test --test tasks` builds only the walkie package's targets, so
 /// without this a test would run a missing or stale fake-agent after an edit of its sources.
 /// A no-op build takes well under a second; `cargo test --workspace` has built them already.
+/// `WALKIE_FAKES_BUILT` set: the caller built them (the kernel tests' guest, whose root is
+/// the host's, read-only, has no cargo to run).
 pub fn fakes_built() {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
+        if std::env::var_os("WALKIE_FAKES_BUILT").is_some() {
+            return;
+        }
         let profile_dir = Path::new(WALKIE).parent().unwrap();
         let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
         cargo.args(["build", "--quiet", "-p", "walkie-fakes", "--bins"]);

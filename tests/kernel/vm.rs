@@ -173,6 +173,8 @@ fn boot() -> Result<GuestRun, String> {
                 .into(),
         );
     }
+    // The guest runs them but cannot build them.
+    crate::common::fakes_built();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-vm");
     let guest = base.join("guest");
@@ -195,7 +197,7 @@ fn boot() -> Result<GuestRun, String> {
     let script = format!(
         "cd {repo}\n\
          export HOME=/tmp LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-         export {GUEST_ENV}={share} RUST_BACKTRACE=0\n\
+         export {GUEST_ENV}={share} WALKIE_FAKES_BUILT=1 RUST_BACKTRACE=0\n\
          exec {exe} --test-threads=1 --nocapture {args}\n",
         repo = shell_quote(&repo.display().to_string()),
         share = shell_quote(&share.display().to_string()),
