@@ -4,18 +4,20 @@
 //! tests/fixtures/claude-cli/): same line types in the same order and the keys walkie reads.
 //! Signal tests wait for the line that proves the agent reached the state under test before
 //! signalling; a watchdog bounds every read so a broken agent fails the test instead of
-//! hanging it.
+//! hanging it. The kept-open tests (`--input-format stream-json`) write user messages and
+//! control lines on a real stdin pipe, each after the line that shows the agent is where the
+//! fixture's supervisor wrote it, and compare with the kept-open captures.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 mod common;
 
@@ -825,4 +827,750 @@ fn partial_messages_add_stream_events() {
         .rev()
         .collect();
     assert_eq!(streamed, "Hello from the fake Anthropic server.");
+}
+
+// ---- Kept open on stdin (`--input-format stream-json`) ------------------------------------
+
+/// The flags walkie passes for the kept-open protocol (the protocol core's own list).
+fn walkie_duplex_args() -> Vec<String> {
+    walkie::tasks::claude::agent_args("acceptEdits", None)
+}
+
+/// The flags the kept-open fixtures were captured with: no replays. `mode` is theirs
+/// (`default`; `acceptEdits` for perm-write-allow).
+fn fixture_duplex_args(mode: &str) -> Vec<String> {
+    [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-prompt-tool",
+        "stdio",
+        "--permission-mode",
+        mode,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A fake agent with stdin kept open; every line it prints is kept in `seen`.
+struct Session {
+    agent: Agent,
+    stdin: Option<ChildStdin>,
+    seen: Vec<Value>,
+}
+
+impl Session {
+    fn spawn(dir: &Path, args: &[String], session_state: bool) -> Session {
+        let mut cmd = command(dir, args);
+        cmd.stdin(Stdio::piped());
+        if session_state {
+            let (name, value) = walkie::tasks::claude::SESSION_STATE_ENV;
+            cmd.env(name, value);
+        } else {
+            cmd.env_remove(walkie::tasks::claude::SESSION_STATE_ENV.0);
+        }
+        let mut agent = Agent::spawn(cmd);
+        let stdin = agent.child.stdin.take();
+        Session {
+            agent,
+            stdin,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, line: Value) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn user(&mut self, text: &str) {
+        self.send(json!({"type": "user", "message": {"role": "user", "content": text}}));
+    }
+
+    fn user_with_uuid(&mut self, text: &str, uuid: &str) {
+        self.send(
+            json!({"type": "user", "message": {"role": "user", "content": text},
+                         "uuid": uuid}),
+        );
+    }
+
+    fn interrupt(&mut self, request_id: &str) {
+        self.send(json!({"type": "control_request", "request_id": request_id,
+                         "request": {"subtype": "interrupt"}}));
+    }
+
+    fn answer(&mut self, request_id: &str, response: Value) {
+        self.send(
+            json!({"type": "control_response", "response": {"subtype": "success",
+                         "request_id": request_id, "response": response}}),
+        );
+    }
+
+    /// Reads until a line satisfies `wanted`; returns it.
+    fn wait_for(&mut self, wanted: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let line = self.agent.next_line().expect("output ended first");
+            let value: Value = serde_json::from_slice(&line)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&line)));
+            self.seen.push(value.clone());
+            if wanted(&value) {
+                return value;
+            }
+        }
+    }
+
+    /// The next `result` line.
+    fn result(&mut self) -> Value {
+        self.wait_for(|l| l["type"] == "result")
+    }
+
+    /// Closes stdin, reads to the end; returns every line, the exit status and stderr.
+    fn finish(mut self) -> (Vec<Value>, ExitStatus, String) {
+        self.stdin = None;
+        let rest = self.agent.rest();
+        self.seen.extend(parse_lines(&rest));
+        let (status, stderr) = self.agent.wait();
+        (self.seen, status, stderr)
+    }
+}
+
+/// The kinds walkie reads, in order: partial `stream_event`s, `system/status`,
+/// `command_lifecycle` and the aborted text of a stream cut short are left out (the fake
+/// streams no text while it stalls).
+fn kept_open_shape(lines: &[Value]) -> Vec<String> {
+    let kept: Vec<Value> = lines
+        .iter()
+        .filter(|l| {
+            !matches!(
+                l["type"].as_str(),
+                Some("stream_event" | "command_lifecycle")
+            ) && l["subtype"] != "status"
+                && l["aborted"] != true
+        })
+        .cloned()
+        .collect();
+    shape(&kept)
+}
+
+/// Same kinds in the same order as the kept-open fixture, and the keys walkie reads.
+fn assert_like_kept_open(ours: &[Value], fixture_name: &str) {
+    let real = fixture(fixture_name);
+    assert_eq!(
+        kept_open_shape(ours),
+        kept_open_shape(&real),
+        "line types vs fixture {fixture_name}"
+    );
+    for line in real.iter().chain(ours) {
+        let keys: &[&str] = match kind(line).as_str() {
+            "control_request" => &["type", "request_id", "request"],
+            "control_cancel_request" => &["type", "request_id"],
+            "control_response" => &["type", "response"],
+            other => required_keys(other),
+        };
+        for key in keys {
+            assert!(line.get(*key).is_some(), "{key} missing in {line}");
+        }
+    }
+    let session = &ours[0]["session_id"];
+    assert!(
+        ours.iter()
+            .all(|l| l.get("session_id").is_none() || &l["session_id"] == session)
+    );
+}
+
+fn control_requests(lines: &[Value]) -> Vec<&Value> {
+    lines
+        .iter()
+        .filter(|l| l["type"] == "control_request")
+        .collect()
+}
+
+fn results(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l["type"] == "result").collect()
+}
+
+#[test]
+fn kept_open_steer_is_taken_in_at_the_tool_boundary() {
+    // The progress run, with walkie's flags: replays carry our uuids, the steering message
+    // is replayed (taken in) only after the running step's result, one result in all.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), true);
+    let first = "00000000-0000-4000-8000-000000000001";
+    let second = "00000000-0000-4000-8000-000000000002";
+    s.user_with_uuid(
+        "Please loop @tool-ms=1500 @bash=timeout_2_tail_-f_/dev/null",
+        first,
+    );
+    let replay = s.wait_for(|l| l["isReplay"] == true);
+    assert_eq!(replay["uuid"], first);
+    s.wait_for(|l| l["type"] == "assistant");
+    s.user_with_uuid("WALKIE_STOP: stop looping now and summarise.", second);
+    s.wait_for(|l| l["type"] == "command_lifecycle" && l["command_uuid"] == second);
+    let result = s.result();
+    let (lines, status, stderr) = s.finish();
+    assert!(status.success(), "{stderr}");
+    assert_like_kept_open(&lines, "progress");
+
+    let at = |wanted: &dyn Fn(&Value) -> bool| lines.iter().position(wanted).unwrap();
+    let tool_result =
+        at(&|l| l["type"] == "user" && blocks(l).iter().any(|b| b["type"] == "tool_result"));
+    let taken = at(&|l| l["isReplay"] == true && l["uuid"] == second);
+    assert!(tool_result < taken, "taken in at the boundary");
+    assert_eq!(
+        lines[taken]["message"]["content"],
+        "WALKIE_STOP: stop looping now and summarise."
+    );
+    assert_eq!(results(&lines).len(), 1);
+    assert!(
+        result["result"]
+            .as_str()
+            .unwrap()
+            .contains("The user sent a new message while you were working: WALKIE_STOP"),
+        "{result}"
+    );
+    let states: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["subtype"] == "session_state_changed")
+        .map(|l| &l["state"])
+        .collect();
+    assert_eq!(states, ["running", "idle"]);
+    let lifecycle: Vec<(&str, &str)> = lines
+        .iter()
+        .filter(|l| l["type"] == "command_lifecycle")
+        .map(|l| {
+            (
+                l["command_uuid"].as_str().unwrap(),
+                l["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for uuid in [first, second] {
+        for state in ["queued", "started", "completed"] {
+            assert!(
+                lifecycle.contains(&(uuid, state)),
+                "{uuid} {state}: {lifecycle:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn kept_open_steer_during_a_long_step_like_the_steer_fixture() {
+    // A step over 3 s: task_started and task_notification around it, as in the capture.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user("Please loop with bash until I tell you to stop. @tool-ms=3200 @bash=timeout_3_tail_-f_/dev/null");
+    s.wait_for(|l| l["type"] == "assistant");
+    s.user("WALKIE_STOP: stop looping now and summarise.");
+    s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "steer");
+    let notification = lines
+        .iter()
+        .find(|l| l["subtype"] == "task_notification")
+        .unwrap();
+    assert_eq!(notification["status"], "completed");
+}
+
+#[test]
+fn kept_open_steer_adds_its_tools_to_the_turn() {
+    // "And also do X": the tools of a message taken in mid-turn join the turn.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    s.user("fix it @tool-ms=500 @bash=cargo_test");
+    s.wait_for(|l| l["type"] == "assistant");
+    s.user("and also update the notes @write=NOTES.md");
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    let names: Vec<Value> = tool_uses(&lines)
+        .iter()
+        .map(|t| t["name"].clone())
+        .collect();
+    assert_eq!(names, ["Bash", "Write"]);
+    assert!(dir.path().join("NOTES.md").exists());
+    assert_eq!(results(&lines).len(), 1);
+    assert!(
+        result["result"]
+            .as_str()
+            .unwrap()
+            .ends_with("while you were working: and also update the notes"),
+        "{result}"
+    );
+}
+
+#[test]
+fn kept_open_priority_now_ends_the_turn_at_the_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user("Please loop @tool-ms=3200 @bash=timeout_3_tail_-f_/dev/null");
+    s.wait_for(|l| l["type"] == "assistant");
+    s.send(json!({"type": "user", "message": {"role": "user",
+        "content": "WALKIE_STOP: stop looping now and summarise."}, "priority": "now"}));
+    let first = s.result();
+    let second = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "steer-now");
+    assert_eq!(first["terminal_reason"], "aborted_tools");
+    assert_eq!(first["result"], "");
+    assert_eq!(first["is_error"], false);
+    assert!(
+        second["result"]
+            .as_str()
+            .unwrap()
+            .contains("Done: WALKIE_STOP"),
+        "{second}"
+    );
+}
+
+#[test]
+fn kept_open_message_while_thinking_is_the_next_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user("first question @sleep=1 @text=first_answer");
+    s.wait_for(|l| l["subtype"] == "init");
+    s.user("second question, sent while the first answer streams @sleep=0 @text=second_answer");
+    let first = s.result();
+    let second = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "steer-queued-text");
+    assert_eq!(first["result"], "first answer");
+    assert_eq!(second["result"], "second answer");
+    assert_eq!(second["result_index"], 1);
+    assert_eq!(first["session_id"], second["session_id"]);
+}
+
+#[test]
+fn kept_open_interrupt_mid_tool_keeps_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user("sleep a while @tool-ms=60000 @bash=timeout_120_tail_-f_/dev/null");
+    s.wait_for(|l| l["subtype"] == "task_started");
+    let pid = s.agent.child.id();
+    s.interrupt("r1");
+    let response = s.wait_for(|l| l["type"] == "control_response");
+    let interrupted = s.result();
+    s.user("are you still there? @text=Done_sleeping.");
+    let answered = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success(), "the last turn succeeded");
+    assert_like_kept_open(&lines, "interrupt-tool");
+    let real = fixture("interrupt-tool");
+    let real_response = real
+        .iter()
+        .find(|l| l["type"] == "control_response")
+        .unwrap();
+    assert_eq!(response, *real_response);
+    for key in ["subtype", "is_error", "terminal_reason"] {
+        let real_result = real.iter().find(|l| l["type"] == "result").unwrap();
+        assert_eq!(interrupted[key], real_result[key], "{key}");
+    }
+    assert!(interrupted.get("result").is_none());
+    let stopped = lines
+        .iter()
+        .flat_map(blocks)
+        .find(|b| b["type"] == "tool_result")
+        .unwrap();
+    assert_eq!(stopped["is_error"], true);
+    assert!(
+        stopped["content"]
+            .as_str()
+            .unwrap()
+            .contains("stopped while running")
+    );
+    assert_eq!(answered["result"], "Done sleeping.");
+    // One process served both turns.
+    assert!(lines.iter().filter(|l| l["subtype"] == "init").all(|l| {
+        l["messaging_socket_path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/{pid}.sock"))
+    }));
+}
+
+#[test]
+fn kept_open_interrupt_while_thinking_and_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user("tell me a long story @stall");
+    s.wait_for(|l| l["subtype"] == "init");
+    s.interrupt("int-1");
+    let result = s.result();
+    s.interrupt("int-idle");
+    let idle = s
+        .wait_for(|l| l["type"] == "control_response" && l["response"]["request_id"] == "int-idle");
+    let (lines, status, _) = s.finish();
+    assert_like_kept_open(&lines, "interrupt-stream");
+    assert_eq!(result["terminal_reason"], "aborted_streaming");
+    assert_eq!(result["is_error"], true);
+    assert_eq!(idle["response"]["subtype"], "success");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the exit status follows the last turn, as in the capture"
+    );
+}
+
+/// The first `can_use_tool` request, after checking its keys against the fixture's.
+fn permission_request(s: &mut Session, fixture_name: &str) -> Value {
+    let request = s.wait_for(|l| l["type"] == "control_request");
+    let real = fixture(fixture_name);
+    let real_request = real
+        .iter()
+        .find(|l| l["type"] == "control_request")
+        .unwrap();
+    let keys = |v: &Value| {
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.retain(|k| k != "blocked_path");
+        keys.sort();
+        keys
+    };
+    assert_eq!(keys(&request["request"]), keys(&real_request["request"]));
+    assert_eq!(request["request"]["subtype"], "can_use_tool");
+    request
+}
+
+const BASH_TXT: &str = "@ask=echo_hi_from_bash_>_bash.txt_&&_cat_bash.txt write bash.txt with bash";
+
+#[test]
+fn kept_open_permission_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user(BASH_TXT);
+    let request = permission_request(&mut s, "perm-allow");
+    let asked = &request["request"];
+    assert_eq!(asked["tool_name"], "Bash");
+    assert_eq!(
+        asked["input"]["command"],
+        "echo hi from bash > bash.txt && cat bash.txt"
+    );
+    let tool_use = tool_uses(&s.seen).pop().unwrap();
+    assert_eq!(asked["tool_use_id"], tool_use["id"]);
+    assert_eq!(
+        asked["permission_suggestions"][0]["rules"][0]["ruleContent"],
+        "echo hi *"
+    );
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    s.answer(
+        &id,
+        json!({"behavior": "allow", "updatedInput": asked["input"]}),
+    );
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "perm-allow");
+    assert_eq!(result["permission_denials"], json!([]));
+    let tool_result = lines
+        .iter()
+        .flat_map(blocks)
+        .find(|b| b["type"] == "tool_result")
+        .unwrap();
+    assert_eq!(tool_result["is_error"], false);
+}
+
+#[test]
+fn kept_open_permission_denied_with_a_message_the_agent_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user(BASH_TXT);
+    let request = permission_request(&mut s, "perm-deny");
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    s.answer(
+        &id,
+        json!({"behavior": "deny", "message": "The user said no by voice."}),
+    );
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "perm-deny");
+    let tool_result = lines
+        .iter()
+        .flat_map(blocks)
+        .find(|b| b["type"] == "tool_result")
+        .unwrap();
+    assert_eq!(tool_result["is_error"], true);
+    assert_eq!(tool_result["content"], "The user said no by voice.");
+    assert_eq!(
+        result["is_error"], false,
+        "the turn goes on without the tool"
+    );
+    assert_eq!(result["permission_denials"][0]["tool_name"], "Bash");
+    assert_eq!(
+        result["permission_denials"][0]["tool_use_id"],
+        request["request"]["tool_use_id"]
+    );
+}
+
+#[test]
+fn kept_open_permission_denied_with_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user(BASH_TXT);
+    let request = permission_request(&mut s, "perm-deny-interrupt");
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    s.answer(
+        &id,
+        json!({"behavior": "deny", "message": "Stop everything.", "interrupt": true}),
+    );
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert_like_kept_open(&lines, "perm-deny-interrupt");
+    assert_eq!(result["subtype"], "error_during_execution");
+    assert_eq!(result["terminal_reason"], "aborted_tools");
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn kept_open_unanswered_request_is_withdrawn_by_an_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("default"), false);
+    s.user(BASH_TXT);
+    let request = permission_request(&mut s, "perm-unanswered");
+    s.interrupt("int-perm");
+    let cancel = s.wait_for(|l| l["type"] == "control_cancel_request");
+    assert_eq!(cancel["request_id"], request["request_id"]);
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert_like_kept_open(&lines, "perm-unanswered");
+    assert_eq!(result["terminal_reason"], "aborted_tools");
+    assert_eq!(result["permission_denials"].as_array().unwrap().len(), 1);
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn kept_open_write_outside_the_project_asks_and_writes_once_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("outside.txt");
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("acceptEdits"), false);
+    s.user(&format!("write outside @ask-write={}", target.display()));
+    let request = permission_request(&mut s, "perm-write-allow");
+    let asked = &request["request"];
+    assert_eq!(asked["tool_name"], "Write");
+    assert_eq!(asked["input"]["file_path"], target.display().to_string());
+    assert_eq!(
+        asked["decision_reason"],
+        "Path is outside allowed working directories"
+    );
+    assert!(!target.exists(), "nothing written before the answer");
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    let mut input = asked["input"].clone();
+    input["content"] = json!("outside\n");
+    s.answer(&id, json!({"behavior": "allow", "updatedInput": input}));
+    s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_like_kept_open(&lines, "perm-write-allow");
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "outside\n",
+        "the updated input is used"
+    );
+}
+
+#[test]
+fn kept_open_always_adds_the_suggested_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    s.user("@ask=npm_test @ask=npm_test_--_--watch=false @ask=rm_-rf_build");
+    let request = s.wait_for(|l| l["type"] == "control_request");
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    let suggestions = request["request"]["permission_suggestions"].clone();
+    s.answer(
+        &id,
+        json!({"behavior": "allow", "updatedInput": request["request"]["input"],
+                         "updatedPermissions": suggestions}),
+    );
+    // The second npm command matches "npm test *"; rm does not, so it is asked about.
+    let next = s.wait_for(|l| l["type"] == "control_request");
+    assert_eq!(next["request"]["input"]["command"], "rm -rf build");
+    let id = next["request_id"].as_str().unwrap().to_owned();
+    s.answer(&id, json!({"behavior": "allow"}));
+    s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert_eq!(control_requests(&lines).len(), 2);
+    assert_eq!(tool_uses(&lines).len(), 3);
+}
+
+#[test]
+fn kept_open_request_withdrawn_by_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), true);
+    s.user("@withdraw=200 @ask=make_deploy");
+    let request = s.wait_for(|l| l["type"] == "control_request");
+    let cancel = s.wait_for(|l| l["type"] == "control_cancel_request");
+    assert_eq!(cancel["request_id"], request["request_id"]);
+    // A late answer is not for anything pending any more: ignored.
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    s.answer(&id, json!({"behavior": "allow"}));
+    let result = s.result();
+    let (_, status, stderr) = s.finish();
+    assert!(status.success());
+    assert_eq!(
+        result["is_error"], false,
+        "the turn goes on without the tool"
+    );
+    assert_eq!(result["permission_denials"].as_array().unwrap().len(), 1);
+    assert!(stderr.contains("no pending request"), "{stderr}");
+}
+
+#[test]
+fn kept_open_without_the_prompt_tool_approvals_are_refused() {
+    // What walkie's old default does to a Bash command needing approval (issue 10).
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fixture_duplex_args("acceptEdits");
+    args.drain(6..8); // no --permission-prompt-tool
+    let mut s = Session::spawn(dir.path(), &args, false);
+    s.user("@ask=python3_-m_pytest_-q");
+    let result = s.result();
+    let (lines, status, _) = s.finish();
+    assert!(status.success());
+    assert!(control_requests(&lines).is_empty());
+    let refused = lines
+        .iter()
+        .flat_map(blocks)
+        .find(|b| b["type"] == "tool_result")
+        .unwrap();
+    assert_eq!(refused["content"], "This command requires approval");
+    assert_eq!(result["permission_denials"].as_array().unwrap().len(), 1);
+
+    // bypassPermissions runs it without asking.
+    let mut s = Session::spawn(dir.path(), &fixture_duplex_args("bypassPermissions"), false);
+    s.user("@ask=python3_-m_pytest_-q");
+    let result = s.result();
+    let (lines, _, _) = s.finish();
+    assert!(control_requests(&lines).is_empty());
+    assert_eq!(result["permission_denials"], json!([]));
+}
+
+#[test]
+fn kept_open_control_requests_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    // One the supervisor does not handle: walkie must answer it with an error.
+    s.user("@control=hook_callback go");
+    let request = s.wait_for(|l| l["type"] == "control_request");
+    assert_eq!(request["request"]["subtype"], "hook_callback");
+    let id = request["request_id"].as_str().unwrap().to_owned();
+    s.send(
+        json!({"type": "control_response", "response": {"subtype": "error",
+                  "request_id": id, "error": "walkie does not handle it"}}),
+    );
+    s.result();
+    // One the fake does not handle: answered with an error, never left hanging.
+    s.send(json!({"type": "control_request", "request_id": "m1",
+                  "request": {"subtype": "set_model", "model": "x"}}));
+    let answer = s.wait_for(|l| l["type"] == "control_response");
+    assert_eq!(answer["response"]["subtype"], "error");
+    assert_eq!(answer["response"]["request_id"], "m1");
+    // Garbage on stdin is skipped.
+    s.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"not json\n{\"type\":\"mystery\"}\n")
+        .unwrap();
+    s.user("@text=still_here");
+    assert_eq!(s.result()["result"], "still here");
+    let (_, status, stderr) = s.finish();
+    assert!(status.success());
+    assert!(
+        stderr.contains("hook_callback answered") && stderr.contains("walkie does not handle it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("unreadable stdin line"), "{stderr}");
+}
+
+#[test]
+fn kept_open_eof_finishes_what_is_queued_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    s.user("one @sleep=0.3 @text=first");
+    s.user("two @sleep=0 @text=second @exit=3");
+    s.wait_for(|l| l["subtype"] == "init");
+    let (lines, status, _) = s.finish(); // closes stdin mid-turn
+    let texts: Vec<&Value> = results(&lines).iter().map(|r| &r["result"]).collect();
+    assert_eq!(texts, ["first", "second"]);
+    assert_eq!(status.code(), Some(3), "the last turn's @exit");
+
+    // No message at all: the CLI's error.
+    let s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    let (lines, status, stderr) = s.finish();
+    assert!(lines.is_empty());
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("Input must be provided"), "{stderr}");
+
+    // A bad directive is a usage error, as in one-shot mode.
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    s.user("@sleep=soon");
+    let (_, status, stderr) = s.finish();
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("@sleep"), "{stderr}");
+}
+
+#[test]
+fn kept_open_needs_stream_json_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "text",
+    ]
+    .map(String::from);
+    let s = Session::spawn(dir.path(), &args, false);
+    let (lines, status, stderr) = s.finish();
+    assert!(lines.is_empty());
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("requires output-format=stream-json"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn kept_open_sigint_ends_the_turn_and_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Session::spawn(dir.path(), &walkie_duplex_args(), false);
+    s.user("@tool-ms=60000 @bash=make");
+    s.wait_for(|l| l["type"] == "assistant");
+    s.agent.signal(Signal::SIGINT);
+    let result = s.result();
+    let (_, status, _) = s.finish();
+    assert_eq!(result["terminal_reason"], "aborted_tools");
+    assert!(status.success(), "SIGINT exits 0, as in one-shot mode");
+}
+
+#[test]
+fn one_shot_approvals_are_refused_and_tool_time_is_interruptible() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = run(dir.path(), "@sleep=0 @ask=npm_test");
+    assert!(done.status.success());
+    let lines = done.lines();
+    let refused = lines
+        .iter()
+        .flat_map(blocks)
+        .find(|b| b["type"] == "tool_result")
+        .unwrap();
+    assert_eq!(refused["content"], "This command requires approval");
+    assert_eq!(refused["is_error"], true);
+
+    let mut agent = Agent::spawn(command(
+        dir.path(),
+        &stream_args("@tool-ms=60000 @bash=make"),
+    ));
+    let mut lines = vec![agent.wait_for(|l| l["subtype"] == "init")];
+    lines.push(agent.wait_for(|l| l["type"] == "assistant"));
+    agent.signal(Signal::SIGINT);
+    lines.extend(parse_lines(&agent.rest()));
+    assert!(agent.wait().0.success());
+    assert_eq!(result_line(&lines)["terminal_reason"], "aborted_tools");
 }

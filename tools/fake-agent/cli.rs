@@ -31,6 +31,12 @@ pub struct Options {
     pub model: Option<String>,
     pub max_turns: Option<u32>,
     pub include_partial_messages: bool,
+    /// `--input-format stream-json`: user messages and control lines on stdin, kept open.
+    pub input_stream_json: bool,
+    /// `--replay-user-messages`: echo each user message when it is taken in.
+    pub replay_user_messages: bool,
+    /// `--permission-prompt-tool stdio`: ask for approvals with control requests on stdout.
+    pub permission_prompt_stdio: bool,
 }
 
 /// The process's job.
@@ -60,7 +66,6 @@ pub enum UsageError {
 /// Flags of the real CLI that consume the next argument; values of the ones we model are
 /// read, the others skipped.
 const SKIPPED_VALUE_FLAGS: &[&str] = &[
-    "--input-format",
     "--append-system-prompt",
     "--system-prompt",
     "--add-dir",
@@ -73,7 +78,6 @@ const SKIPPED_VALUE_FLAGS: &[&str] = &[
     "--settings",
     "--setting-sources",
     "--max-budget-usd",
-    "--permission-prompt-tool",
     "--agents",
     "--agent",
     "--betas",
@@ -108,6 +112,19 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Mode, UsageError
             "-p" | "--print" => options.print = true,
             "--verbose" => options.verbose = true,
             "--include-partial-messages" => options.include_partial_messages = true,
+            "--replay-user-messages" => options.replay_user_messages = true,
+            "--input-format" => {
+                let v = value(&mut args)?;
+                options.input_stream_json = match v.as_str() {
+                    "text" => false,
+                    "stream-json" => true,
+                    _ => return Err(UsageError::BadValue { flag, value: v }),
+                };
+            }
+            // Only the stdio prompt tool is modelled; an MCP tool name is taken as "none".
+            "--permission-prompt-tool" => {
+                options.permission_prompt_stdio = value(&mut args)? == "stdio";
+            }
             "--output-format" => {
                 let v = value(&mut args)?;
                 options.output_format = match v.as_str() {
@@ -151,6 +168,9 @@ pub const HELP: &str = "\
 Usage: fake-agent -p PROMPT [--output-format text|json|stream-json] [--verbose]
                   [--permission-mode MODE] [--resume ID | --session-id ID] [--model M]
                   [--max-turns N] [--include-partial-messages]
+       fake-agent -p --input-format stream-json --output-format stream-json --verbose
+                  [--permission-prompt-tool stdio] [--replay-user-messages] [...]
+                  (user messages and control requests as JSON lines on stdin)
 
 A stand-in for the Claude Code CLI in headless mode, for walkie's tests.
 Scenario directives (@sleep=SECS, @fail, @stall, @flood=SIZE, ...) go in the prompt or in
@@ -221,6 +241,38 @@ mod tests {
             "world",
         ]);
         assert_eq!(o.prompt, "hello world");
+    }
+
+    #[test]
+    fn walkie_duplex_flags() {
+        let o = agent(&[
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--permission-prompt-tool",
+            "stdio",
+            "--replay-user-messages",
+            "--permission-mode",
+            "acceptEdits",
+        ]);
+        assert!(o.input_stream_json && o.replay_user_messages && o.permission_prompt_stdio);
+        assert_eq!(o.prompt, "");
+        let o = agent(&[
+            "-p",
+            "x",
+            "--input-format=text",
+            "--permission-prompt-tool",
+            "mcp__x",
+        ]);
+        assert!(!o.input_stream_json && !o.permission_prompt_stdio);
+        assert_eq!(o.prompt, "x");
+        assert!(matches!(
+            parse(["--input-format", "yaml"].map(String::from)),
+            Err(UsageError::BadValue { .. })
+        ));
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub enum ToolDirective {
     Bash(String),
     /// `@grandchild`: a Bash tool use that really starts a sleeper in its own session.
     Grandchild,
+    /// `@ask=CMD`: a Bash tool use that needs the user's approval (reported, not run).
+    Ask(String),
+    /// `@ask-write=PATH`: a Write outside the project, which asks even under acceptEdits.
+    AskWrite(PathBuf),
 }
 
 /// Everything the prompt and the environment asked for.
@@ -61,6 +65,12 @@ pub struct Directives {
     pub text: Option<String>,
     pub stderr: Option<String>,
     pub pidfile: Option<PathBuf>,
+    /// `@tool-ms=MS`: every tool use of the message runs this long before its result.
+    pub tool_time: Option<Duration>,
+    /// `@withdraw=MS`: a permission request unanswered this long is withdrawn.
+    pub withdraw: Option<Duration>,
+    /// `@control=SUBTYPE`: a control request of this subtype, sent at the start of the turn.
+    pub control: Option<String>,
 }
 
 /// The prompt split into directives and the words meant for the "model".
@@ -138,6 +148,19 @@ fn apply(d: &mut Directives, token: &str) -> Result<bool, DirectiveError> {
             flag()?;
             d.tools.push(ToolDirective::Grandchild);
         }
+        "ask" => d.tools.push(ToolDirective::Ask(spaced(need()?))),
+        "ask-write" => d.tools.push(ToolDirective::AskWrite(need()?.into())),
+        "tool-ms" => {
+            let v = need()?;
+            let ms: u64 = v.parse().map_err(|_| bad(v, "milliseconds, e.g. 1500"))?;
+            d.tool_time = Some(Duration::from_millis(ms));
+        }
+        "withdraw" => {
+            let v = need()?;
+            let ms: u64 = v.parse().map_err(|_| bad(v, "milliseconds, e.g. 500"))?;
+            d.withdraw = Some(Duration::from_millis(ms));
+        }
+        "control" => d.control = Some(need()?.to_owned()),
         "fail" => {
             d.fail = Some(match value {
                 None => 401,
@@ -285,6 +308,37 @@ mod tests {
         assert_eq!(d.stderr.as_deref(), Some("oh no"));
         assert_eq!(d.pidfile, Some(PathBuf::from("p")));
         assert_eq!(p.prompt, "");
+    }
+
+    #[test]
+    fn permission_and_timing_directives() {
+        let p = parse(
+            "do it @ask=npm_test @tool-ms=1500 @ask-write=/tmp/out.txt @withdraw=200 \
+             @control=hook_callback",
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.prompt, "do it");
+        let d = p.directives;
+        assert_eq!(
+            d.tools,
+            [
+                ToolDirective::Ask("npm test".into()),
+                ToolDirective::AskWrite("/tmp/out.txt".into())
+            ]
+        );
+        assert_eq!(d.tool_time, Some(Duration::from_millis(1500)));
+        assert_eq!(d.withdraw, Some(Duration::from_millis(200)));
+        assert_eq!(d.control.as_deref(), Some("hook_callback"));
+        assert!(d.has_own_content());
+        assert!(matches!(
+            parse("@tool-ms=soon", None),
+            Err(DirectiveError::Invalid { .. })
+        ));
+        assert_eq!(
+            parse("@ask", None),
+            Err(DirectiveError::NeedsValue("ask".into()))
+        );
     }
 
     #[test]

@@ -360,6 +360,91 @@ pub fn stream_event(session: &Session, message_id: &str, event: Value) -> Value 
     })
 }
 
+/// The tool result of a tool use the user rejected or interrupted (perm-deny-interrupt and
+/// sigint-tool fixtures).
+pub const REJECTED: &str = "The user doesn't want to proceed with this tool use. The tool use \
+     was rejected (eg. if it was a file edit, the new_string was NOT written to the file). STOP \
+     what you are doing and wait for the user to tell you how to proceed.";
+
+/// What the CLI adds to [`REJECTED`] when the tool was stopped while running
+/// (interrupt-tool fixture).
+pub const STOPPED_WHILE_RUNNING: &str = " Correction to the text above: this call was stopped \
+     while running, not refused before it ran. It may have run in part or in full, and its \
+     changes may have been written. No permission prompt was involved. Work it started \
+     elsewhere (a remote command, a background process) may still be running, so check before \
+     starting the same work again. The instruction to stop and wait still stands.";
+
+/// One of our user messages echoed back when the model takes it in
+/// (`--replay-user-messages`, progress fixture).
+pub fn replay(session: &Session, content: &Value, uuid: &str, now_ms: u64) -> Value {
+    json!({
+        "type": "user",
+        "message": {"role": "user", "content": content},
+        "session_id": session.id,
+        "parent_tool_use_id": null,
+        "uuid": uuid,
+        "timestamp": timestamp(now_ms),
+        "isReplay": true
+    })
+}
+
+/// `command_lifecycle` of a user message carrying a uuid: `queued`, `started`, `completed`
+/// (progress fixture).
+pub fn command_lifecycle(session: &Session, command_uuid: &str, state: &str) -> Value {
+    json!({
+        "type": "command_lifecycle",
+        "command_uuid": command_uuid,
+        "state": state,
+        "uuid": uuid_v4(),
+        "session_id": session.id
+    })
+}
+
+/// A `can_use_tool` control request (perm-allow and perm-write-allow fixtures). `extra`
+/// holds `blocked_path` or `decision_reason` and `decision_reason_type`.
+pub fn can_use_tool(
+    request_id: &str,
+    tool_use_id: &str,
+    tool: &str,
+    input: &Value,
+    description: &str,
+    suggestions: Vec<Value>,
+    extra: Map<String, Value>,
+) -> Value {
+    let mut request = Map::new();
+    request.insert("subtype".into(), json!("can_use_tool"));
+    request.insert("tool_name".into(), json!(tool));
+    request.insert("display_name".into(), json!(tool));
+    request.insert("input".into(), input.clone());
+    request.insert("description".into(), json!(description));
+    request.insert("permission_suggestions".into(), Value::from(suggestions));
+    request.extend(extra);
+    request.insert("tool_use_id".into(), json!(tool_use_id));
+    json!({"type": "control_request", "request_id": request_id, "request": request})
+}
+
+/// A control request of any other subtype, sent to the supervisor.
+pub fn control_request(request_id: &str, subtype: &str) -> Value {
+    json!({"type": "control_request", "request_id": request_id, "request": {"subtype": subtype}})
+}
+
+/// The CLI withdraws its request `request_id` (perm-unanswered fixture).
+pub fn control_cancel_request(request_id: &str) -> Value {
+    json!({"type": "control_cancel_request", "request_id": request_id})
+}
+
+/// The answer to the supervisor's control request (interrupt fixtures). Control lines carry
+/// neither `session_id` nor `uuid`.
+pub fn control_response(request_id: &str, response: Value) -> Value {
+    json!({"type": "control_response",
+           "response": {"subtype": "success", "request_id": request_id, "response": response}})
+}
+
+pub fn control_error(request_id: &str, error: &str) -> Value {
+    json!({"type": "control_response",
+           "response": {"subtype": "error", "request_id": request_id, "error": error}})
+}
+
 /// How a run ended, as the final `result` line reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ending {
@@ -371,6 +456,9 @@ pub enum Ending {
     MaxTurns { limit: u32 },
     /// SIGINT: `error_during_execution`; `in_tool` when a tool use was pending.
     Interrupted { in_tool: bool },
+    /// A message sent with `"priority":"now"` ended the turn at a tool boundary: success
+    /// with an empty `result` and `terminal_reason:"aborted_tools"` (steer-now fixture).
+    Superseded,
 }
 
 /// Figures the result line reports besides its ending.
@@ -407,6 +495,7 @@ pub fn result(session: &Session, ending: &Ending, tally: Tally) -> Value {
             "aborted_streaming",
             json!(null),
         ),
+        Ending::Superseded => ("success", false, "aborted_tools", json!("tool_use")),
     };
     let mut line = json!({
         "type": "result",
@@ -465,6 +554,10 @@ pub fn result(session: &Session, ending: &Ending, tally: Tally) -> Value {
                     "errors".into(),
                     json!(["[ede_diagnostic] result_type=user last_content_type=n/a"]),
                 );
+            }
+            Ending::Superseded => {
+                fields.insert("result".into(), json!(""));
+                fields.insert("api_error_status".into(), json!(null));
             }
         }
     }

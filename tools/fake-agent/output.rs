@@ -115,6 +115,15 @@ impl<W: Write> Output<W> {
         Ok(())
     }
 
+    /// Any stream-json line built by the caller (control lines, replays, a patched result).
+    pub fn event(&mut self, line: &Value) -> io::Result<()> {
+        if self.streams_json() {
+            self.json_line(line)?;
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     pub fn init(&mut self, api_key_source: &str, tmp_dir: &str) -> io::Result<()> {
         if self.streams_json() {
             let line = lines::init(&self.session, api_key_source, tmp_dir, std::process::id());
@@ -355,6 +364,7 @@ impl<W: Write> Output<W> {
                 Ending::Success { text } | Ending::ApiError { text, .. } => {
                     self.plain_line(text)?
                 }
+                Ending::Superseded => {}
                 Ending::MaxTurns { limit } => {
                     self.plain_line(&format!("Error: Reached max turns ({limit})"))?
                 }
@@ -362,7 +372,7 @@ impl<W: Write> Output<W> {
             },
             // The final message already said it all.
             Style::Plain => match ending {
-                Ending::Success { .. } | Ending::ApiError { .. } => {}
+                Ending::Success { .. } | Ending::ApiError { .. } | Ending::Superseded => {}
                 Ending::MaxTurns { limit } => {
                     self.plain_line(&format!("Error: Reached max turns ({limit})"))?
                 }

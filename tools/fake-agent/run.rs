@@ -17,13 +17,13 @@ use serde_json::json;
 use crate::cli::{Options, OutputFormat};
 use crate::directives::{self, Directives, ToolDirective};
 use crate::flood::{self, Corpus};
-use crate::lines::{self, COST_PER_TURN_USD, Ending, Session, Tally};
+use crate::lines::{self, COST_PER_TURN_USD, Ending, REJECTED, Session, Tally};
 use crate::output::{Output, Style};
 use crate::signals::{Interrupted, Signals};
 use crate::workspace::{self, Exchange};
 
 /// Time to the result when `@sleep` is not given.
-const DEFAULT_DURATION: Duration = Duration::from_millis(200);
+pub const DEFAULT_DURATION: Duration = Duration::from_millis(200);
 /// Turns a `@maxturns` run takes when `--max-turns` does not say (the fixture's limit).
 const DEFAULT_TURN_LIMIT: u32 = 2;
 /// The pause inside the `@malformed` line split across two writes.
@@ -52,7 +52,7 @@ impl From<Interrupted> for Halt {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Step {
+pub enum Step {
     Tool(ToolDirective),
     /// The default Write of `notes-<n>.md`.
     Notes(PathBuf),
@@ -67,13 +67,13 @@ enum Step {
 }
 
 impl Step {
-    fn is_tool(&self) -> bool {
+    pub fn is_tool(&self) -> bool {
         matches!(self, Step::Tool(_) | Step::Notes(_) | Step::EchoTurn(_))
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Finish {
+pub enum Finish {
     Success,
     ApiError(u16),
     MaxTurns(u32),
@@ -81,7 +81,7 @@ enum Finish {
 }
 
 /// The steps a run takes and how it ends.
-fn plan(d: &Directives, max_turns: Option<u32>, cwd: &Path) -> (Vec<Step>, Finish) {
+pub fn plan(d: &Directives, max_turns: Option<u32>, cwd: &Path) -> (Vec<Step>, Finish) {
     if let Some(status) = d.fail {
         // The API fails before any tool can run; the CLI retries first (error401 fixture).
         let retries = (1..=2).map(|attempt| Step::ApiRetry { attempt, status });
@@ -124,6 +124,7 @@ struct Runner<W: Write> {
     out: Output<W>,
     signals: Signals,
     cwd: PathBuf,
+    permission_mode: String,
     prompt: String,
     directives: Directives,
     prior_cost_usd: f64,
@@ -145,7 +146,13 @@ impl<W: Write> Runner<W> {
     fn exchange(&mut self, exchange: Exchange, pending: bool) -> Result<(), Halt> {
         let id = self.out.tool_use(&exchange)?;
         self.turns += 1;
-        if pending {
+        if let (false, Some(run_for)) = (pending, self.directives.tool_time) {
+            // `@tool-ms`: the tool takes time; SIGINT meanwhile stops it as in sigint-tool.
+            self.pending = Some((id.clone(), exchange.clone()));
+            self.signals.sleep(run_for)?;
+            self.pending = None;
+            self.out.tool_result(&id, &exchange)?;
+        } else if pending {
             self.out.system(
                 "task_started",
                 json!({"task_id": format!("b{:08x}", fastrand::u32(..)), "tool_use_id": id,
@@ -180,6 +187,27 @@ impl<W: Write> Runner<W> {
                 let exchange = spawn_grandchild(&self.cwd);
                 self.exchange(exchange, pending)
             }
+            // Without stdin to ask on, a tool needing approval is refused, as the real CLI
+            // refuses it in `-p` mode (unless permissions are bypassed).
+            Step::Tool(ToolDirective::Ask(command)) => {
+                let exchange = workspace::bash(command, "Run the command", "ok");
+                if self.permission_mode == "bypassPermissions" {
+                    self.exchange(exchange, pending)
+                } else {
+                    self.exchange(refused(exchange), false)
+                }
+            }
+            Step::Tool(ToolDirective::AskWrite(path)) => {
+                if self.permission_mode == "bypassPermissions" {
+                    let content = format!("Written by fake-agent.\n\nTask: {}\n", self.prompt);
+                    self.exchange(workspace::write(&self.cwd, path, &content), false)
+                } else {
+                    let full = self.cwd.join(path).display().to_string();
+                    let input = json!({"file_path": full, "content": "(not written)\n"});
+                    let exchange = Exchange::failed("Write", input, String::new());
+                    self.exchange(refused(exchange), false)
+                }
+            }
             Step::Notes(path) => {
                 let content = format!("# Notes\n\n{}\n", self.prompt);
                 self.exchange(workspace::write(&self.cwd, path, &content), false)
@@ -198,7 +226,7 @@ impl<W: Write> Runner<W> {
                 )?;
                 Ok(())
             }
-            Step::Flood => self.flood(),
+            Step::Flood => flood(&mut self.out, &mut self.signals, &self.directives),
             Step::Oversize(size) => {
                 let len = size.saturating_sub(self.out.flood_overhead());
                 self.out.flood_line(&Corpus::new().slice(len as usize))?;
@@ -206,31 +234,6 @@ impl<W: Write> Runner<W> {
                 Ok(())
             }
         }
-    }
-
-    /// `@flood`/`@flood-rate`: assistant lines as fast as the pipe takes them, or paced.
-    fn flood(&mut self) -> Result<(), Halt> {
-        let corpus = Corpus::new();
-        let overhead = self.out.flood_overhead();
-        let (size, rate) = (self.directives.flood, self.directives.flood_rate);
-        let start = Instant::now();
-        let mut sent = 0u64;
-        loop {
-            let left = size.map(|s| s.saturating_sub(sent));
-            if left == Some(0) {
-                break;
-            }
-            let text = corpus.slice(flood::next_text_len(left, overhead) as usize);
-            sent += self.out.flood_line(&text)?;
-            self.signals.check()?;
-            if let Some(rate) = rate {
-                self.out.flush()?;
-                let due = start.checked_add(Duration::from_secs_f64(sent as f64 / rate as f64));
-                self.signals.wait_until(due)?;
-            }
-        }
-        self.out.flush()?;
-        Ok(())
     }
 
     /// `@malformed`: what a sloppy or broken agent might print before its real output.
@@ -260,19 +263,7 @@ impl<W: Write> Runner<W> {
     }
 
     fn final_text(&self) -> String {
-        let d = &self.directives;
-        let mut text = if let Some(text) = &d.text {
-            text.clone()
-        } else if d.env {
-            environment_text()
-        } else {
-            format!("Done: {}", self.prompt)
-        };
-        if d.secret {
-            text.push_str("\n\n");
-            text.push_str(SECRETS);
-        }
-        text
+        final_text(&self.directives, &self.prompt)
     }
 
     /// Plays the plan; returns the exit status after the result line.
@@ -322,15 +313,7 @@ impl<W: Write> Runner<W> {
                 json!({"tool_use_id": id, "status": "stopped", "output_file": "",
                        "summary": exchange.input["description"]}),
             )?;
-            let rejected = Exchange::failed(
-                exchange.name,
-                exchange.input,
-                "The user doesn't want to proceed with this tool use. The tool use was \
-                 rejected (eg. if it was a file edit, the new_string was NOT written to the \
-                 file). STOP what you are doing and wait for the user to tell you how to \
-                 proceed."
-                    .to_owned(),
-            );
+            let rejected = Exchange::failed(exchange.name, exchange.input, REJECTED.to_owned());
             self.out.tool_result(&id, &rejected)?;
             self.out
                 .user_text("[Request interrupted by user for tool use]")?;
@@ -345,6 +328,63 @@ impl<W: Write> Runner<W> {
     }
 }
 
+/// `@flood`/`@flood-rate`: assistant lines as fast as the pipe takes them, or paced.
+pub fn flood<W: Write>(
+    out: &mut Output<W>,
+    signals: &mut Signals,
+    directives: &Directives,
+) -> Result<(), Halt> {
+    let corpus = Corpus::new();
+    let overhead = out.flood_overhead();
+    let (size, rate) = (directives.flood, directives.flood_rate);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let left = size.map(|s| s.saturating_sub(sent));
+        if left == Some(0) {
+            break;
+        }
+        let text = corpus.slice(flood::next_text_len(left, overhead) as usize);
+        sent += out.flood_line(&text)?;
+        signals.check()?;
+        if let Some(rate) = rate {
+            out.flush()?;
+            let due = start.checked_add(Duration::from_secs_f64(sent as f64 / rate as f64));
+            signals.wait_until(due)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The answer of a run without a `result` text of its own: `@text`, `@env`, or "Done: …".
+pub fn final_text(d: &Directives, prompt: &str) -> String {
+    let mut text = if let Some(text) = &d.text {
+        text.clone()
+    } else if d.env {
+        environment_text()
+    } else {
+        format!("Done: {prompt}")
+    };
+    if d.secret {
+        text.push_str("\n\n");
+        text.push_str(SECRETS);
+    }
+    text
+}
+
+/// `exchange` refused for want of an approval (the CLI in `-p` mode, or `dontAsk`).
+pub fn refused(exchange: Exchange) -> Exchange {
+    let message = match exchange.name {
+        "Bash" => "This command requires approval".to_owned(),
+        _ => format!(
+            "Claude requested permissions to use {}, but you haven't granted it yet.",
+            exchange.name
+        ),
+    };
+    Exchange::failed(exchange.name, exchange.input, message)
+}
+
 /// The whole environment as sorted `NAME=value` lines (`@env`).
 pub fn environment_text() -> String {
     let mut vars: Vec<String> = std::env::vars_os()
@@ -354,7 +394,7 @@ pub fn environment_text() -> String {
     vars.join("\n")
 }
 
-fn api_error_text(status: u16) -> String {
+pub fn api_error_text(status: u16) -> String {
     let (_, kind) = lines::api_error_names(status);
     let body = format!(
         "{{\"type\":\"error\",\"error\":{{\"type\":\"{kind}\",\"message\":\"fake-agent: simulated {status}\"}}}}"
@@ -367,7 +407,7 @@ fn api_error_text(status: u16) -> String {
 
 /// Starts our own executable as a sleeper in its own session, as Claude's Bash tool starts
 /// commands, and records its pid in `grandchild.pid`.
-fn spawn_grandchild(cwd: &Path) -> Exchange {
+pub fn spawn_grandchild(cwd: &Path) -> Exchange {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fake-agent"));
     let command = format!(
         "setsid {} --sleep-forever & echo $! > grandchild.pid",
@@ -521,6 +561,10 @@ pub fn main(options: Options) -> i32 {
         out: Output::new(BufWriter::with_capacity(64 * 1024, stdout), style, session),
         signals,
         cwd,
+        permission_mode: options
+            .permission_mode
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         prompt: parsed.prompt,
         directives: d,
         // A resumed session's cost is cumulative; pretend the earlier run was a default one.

@@ -53,6 +53,13 @@ impl Signals {
         Ok(Signals { interrupted, wake })
     }
 
+    /// The read end of the SIGINT self-pipe, for a caller that polls it with other fds
+    /// (readable once SIGINT has arrived); None when SIGINT is ignored.
+    pub fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.wake.as_ref().map(|w| w.as_fd())
+    }
+
     /// Whether SIGINT has arrived (cheap enough for every flood line).
     pub fn check(&self) -> Result<(), Interrupted> {
         if self.interrupted.load(Ordering::SeqCst) {
