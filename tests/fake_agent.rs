@@ -1574,3 +1574,161 @@ fn one_shot_approvals_are_refused_and_tool_time_is_interruptible() {
     assert!(agent.wait().0.success());
     assert_eq!(result_line(&lines)["terminal_reason"], "aborted_tools");
 }
+
+/// walkie's protocol core on one side of real pipes, the fake agent on the other: what the
+/// core writes is what the agent understands, and the core follows what the agent says.
+struct Driven {
+    session: Session,
+    core: walkie::tasks::claude::ClaudeSession,
+    parser: walkie::tasks::stream::StreamParser,
+    events: Vec<walkie::tasks::claude::SessionEvent>,
+}
+
+impl Driven {
+    fn start(dir: &Path, prompt: &str) -> Driven {
+        let session = Session::spawn(dir, &walkie_duplex_args(), true);
+        let core = walkie::tasks::claude::ClaudeSession::new(
+            prompt,
+            &dir.display().to_string(),
+            Duration::from_secs(600),
+            fastrand::u64(..),
+            Instant::now(),
+        );
+        let mut driven = Driven {
+            session,
+            core,
+            parser: walkie::tasks::stream::StreamParser::new(),
+            events: Vec::new(),
+        };
+        driven.flush();
+        driven
+    }
+
+    /// Writes what the core has for the agent's stdin.
+    fn flush(&mut self) {
+        let pending = self.core.stdin_pending().to_vec();
+        let stdin = self.session.stdin.as_mut().unwrap();
+        stdin.write_all(&pending).unwrap();
+        stdin.flush().unwrap();
+        self.core.stdin_written(pending.len());
+    }
+
+    /// Feeds agent lines to the core until it reports an event matching `wanted`.
+    fn until(&mut self, wanted: impl Fn(&walkie::tasks::claude::SessionEvent) -> bool) {
+        loop {
+            if let Some(at) = self.events.iter().position(&wanted) {
+                self.events.drain(..=at);
+                return;
+            }
+            self.feed_line();
+        }
+    }
+
+    /// Feeds agent lines to the core until its activity starts with `words`.
+    fn until_doing(&mut self, words: &str) {
+        while !self.core.activity().what.starts_with(words) {
+            self.feed_line();
+        }
+    }
+
+    fn feed_line(&mut self) {
+        let line = self.session.agent.next_line().expect("output ended first");
+        let mut parsed = Vec::new();
+        self.parser.feed(&line, &mut parsed);
+        for event in &parsed {
+            self.core.handle_event(Instant::now(), event);
+        }
+        self.events
+            .extend(std::iter::from_fn(|| self.core.poll_event()));
+        self.flush(); // automatic answers (errors to unhandled requests)
+    }
+}
+
+#[test]
+fn protocol_core_drives_the_fake_agent() {
+    use walkie::tasks::claude::{Decision, MessageStatus, SessionEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driven::start(
+        dir.path(),
+        "fix the tests @tool-ms=400 @bash=cargo_test @ask=npm_test",
+    );
+    let prompt = d.core.prompt_uuid().unwrap().to_owned();
+    d.until(|e| matches!(e, SessionEvent::MessageTakenIn { uuid } if *uuid == prompt));
+    d.until_doing("running `cargo test`");
+
+    // Steering while the Bash step runs: taken in at its end.
+    let steer = d
+        .core
+        .send_message("also check the docs", false, Instant::now())
+        .unwrap();
+    d.flush();
+    d.until(|e| matches!(e, SessionEvent::MessageTakenIn { uuid } if *uuid == steer));
+    assert_eq!(d.core.message_status(&steer), Some(MessageStatus::TakenIn));
+
+    // The approval: asked, then allowed through the core's own answer line.
+    d.until(|e| matches!(e, SessionEvent::PermissionRequested { .. }));
+    let pending = d.core.pending_permissions()[0].clone();
+    assert_eq!(
+        (pending.verb, pending.object.as_str()),
+        ("run", "`npm test`")
+    );
+    assert_eq!(
+        d.core.activity().what,
+        "waiting for your approval to run `npm test`"
+    );
+    d.core
+        .answer(&pending.request_id, Decision::Allow, Instant::now())
+        .unwrap();
+    d.flush();
+    d.until(|e| matches!(e, SessionEvent::TurnEnded { idle: true, .. }));
+    assert_eq!(d.core.activity().what, "waiting for a follow-up");
+    assert!(
+        d.core
+            .activity()
+            .last_sentence
+            .unwrap()
+            .contains("also check the docs")
+    );
+
+    // A follow-up in the same process, interrupted mid-step; then one more turn.
+    d.core
+        .send_message(
+            "run the slow suite @tool-ms=60000 @bash=make_slow",
+            false,
+            Instant::now(),
+        )
+        .unwrap();
+    d.flush();
+    d.until(|e| matches!(e, SessionEvent::MessageTakenIn { .. }));
+    d.until_doing("running `make slow`");
+    let held = d
+        .core
+        .send_message(
+            "stop, do the quick one @text=quick_done",
+            true,
+            Instant::now(),
+        )
+        .unwrap();
+    d.flush();
+    d.until(|e| matches!(e, SessionEvent::InterruptAnswered { error: None }));
+    d.until(|e| {
+        matches!(e, SessionEvent::TurnEnded { result, idle: false } if result.subtype == "error_during_execution")
+    });
+    d.flush(); // the held message goes after the interrupted turn's result
+    d.until(|e| matches!(e, SessionEvent::MessageTakenIn { uuid } if *uuid == held));
+    d.until(|e| matches!(e, SessionEvent::TurnEnded { result, idle: true } if result.text.as_deref() == Some("quick done")));
+    assert_eq!(d.core.turns(), 3);
+
+    // A control request walkie does not handle is answered (the agent goes on), then close.
+    d.core
+        .send_message("@control=hook_callback go", false, Instant::now())
+        .unwrap();
+    d.flush();
+    d.until(|e| matches!(e, SessionEvent::Refused { subtype, .. } if subtype == "hook_callback"));
+    d.until(|e| matches!(e, SessionEvent::TurnEnded { idle: true, .. }));
+    d.core.close();
+    assert!(d.core.wants_stdin_closed());
+    let (_, status, stderr) = d.session.finish();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("walkie does not handle"), "{stderr}");
+}
