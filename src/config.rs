@@ -141,6 +141,8 @@ impl Default for ButtonConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
+    /// How walkie speaks with the agent; see [`AgentConfig::protocol_in_use`].
+    pub protocol: AgentProtocol,
     /// argv template; `{prompt}` is replaced by the task prompt. No shell is involved.
     pub command: Vec<String>,
     /// Appended to `command` for a follow-up; `{session}` is the agent session id.
@@ -155,7 +157,49 @@ pub struct AgentConfig {
     pub memory_max: String,
     /// How every process of a task is known and stopped.
     pub containment: ContainmentMode,
+    /// `--permission-mode` of a `claude` agent.
+    pub permission_mode: String,
+    /// An unanswered permission request is denied after this many seconds.
+    pub approval_timeout_s: u64,
+    /// A `claude` agent stays alive this many seconds after its turn, for a follow-up.
+    pub warm_s: u64,
+    /// Agents kept alive between turns at once; the one idle longest is closed first.
+    pub max_warm: u32,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentProtocol {
+    /// The Claude CLI with stdin kept open (`--input-format stream-json`): the prompt goes
+    /// on stdin; approvals, steering, interrupts and warm sessions.
+    Claude,
+    /// One run per prompt, the prompt in argv (`{prompt}`), stdout only: any CLI.
+    Oneshot,
+}
+
+/// `--permission-mode` values of the Claude CLI (`bypassPermissions` only when written).
+pub const PERMISSION_MODES: &[&str] = &[
+    "acceptEdits",
+    "auto",
+    "default",
+    "dontAsk",
+    "plan",
+    "bypassPermissions",
+];
+
+/// Flags walkie adds to a `claude` agent's command itself (`tasks::claude::agent_args` and
+/// `agent.resume`); the same flag twice would confuse the CLI.
+const CLAUDE_FLAGS: &[&str] = &[
+    "-p",
+    "--print",
+    "--input-format",
+    "--output-format",
+    "--verbose",
+    "--permission-prompt-tool",
+    "--replay-user-messages",
+    "--permission-mode",
+    "--dangerously-skip-permissions",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -167,6 +211,26 @@ pub enum ContainmentMode {
 }
 
 impl AgentConfig {
+    /// The protocol tasks run with, and a line to log when it is not the one written: a
+    /// `command` with `{prompt}` (every configuration from before the `claude` protocol)
+    /// keeps running one-shot.
+    pub fn protocol_in_use(&self) -> (AgentProtocol, Option<String>) {
+        let has_prompt = self.command.iter().any(|a| a.contains("{prompt}"));
+        match self.protocol {
+            AgentProtocol::Claude if has_prompt => (
+                AgentProtocol::Oneshot,
+                Some(
+                    "agent.command contains \"{prompt}\", so tasks run one-shot: the prompt in \
+                     argv, no approvals by voice, no steering, no warm sessions. To switch, set \
+                     agent.command = [\"claude\"] (walkie adds the flags it needs); to keep \
+                     one-shot and drop this line, set agent.protocol = \"oneshot\"."
+                        .into(),
+                ),
+            ),
+            protocol => (protocol, None),
+        }
+    }
+
     /// `memory_max` in bytes (`None`: no limit); the value was checked at load.
     pub fn memory_max_bytes(&self) -> Option<u64> {
         crate::tasks::contain::parse_size(&self.memory_max)
@@ -197,6 +261,11 @@ impl Default for AgentConfig {
             env_set: BTreeMap::from([("CLAUDE_CODE_MAX_RETRIES".to_string(), "3".to_string())]),
             memory_max: String::new(),
             containment: ContainmentMode::Auto,
+            protocol: AgentProtocol::Claude,
+            permission_mode: "acceptEdits".into(),
+            approval_timeout_s: 600,
+            warm_s: 300,
+            max_warm: 1,
         }
     }
 }
@@ -416,6 +485,9 @@ const RANGES: &[(&str, i64, i64)] = &[
     ("button.max_hold_s", 1, 3600),
     ("agent.max_running", 1, 32),
     ("agent.cancel_grace_ms", 0, 60_000),
+    ("agent.approval_timeout_s", 10, 86_400),
+    ("agent.warm_s", 0, 86_400),
+    ("agent.max_warm", 0, 32),
 ];
 
 /// Tables whose keys are the user's (project names, variable names); values are strings.
@@ -484,7 +556,16 @@ grab = false
 max_hold_s = 120
 
 [agent]
-# argv of a task (no shell); "{prompt}" becomes the prompt. "--permission-mode", "bypassPermissions" is allowed, only if you write it here.
+# claude: the Claude CLI with stdin kept open (the prompt goes on stdin; approvals by voice,
+# steering, interrupts, warm sessions); walkie adds the flags, so command is just the program.
+# oneshot: the prompt in argv ("{prompt}" in command), stdout only, for other CLIs. A command
+# containing "{prompt}" runs one-shot whatever this says, so older files keep working.
+protocol = "claude"
+# Claude's --permission-mode for protocol claude: acceptEdits, auto, default, dontAsk, plan;
+# bypassPermissions only if you write it here.
+permission_mode = "acceptEdits"
+# argv of a task (no shell). protocol claude: the program; oneshot: "{prompt}" becomes the prompt.
+# "--permission-mode", "bypassPermissions" is allowed (oneshot), only if you write it here.
 command = ["claude", "-p", "{prompt}", "--output-format", "stream-json", "--verbose",
            "--permission-mode", "acceptEdits"]
 # Appended to command for a follow-up; "{session}" becomes the agent's session id.
@@ -504,6 +585,12 @@ memory_max = ""
 # auto: each task in its own cgroup where walkie can create cgroups (root, or a systemd unit
 # with Delegate=yes), else a /proc scan finds a task's processes; scan: always the scan.
 containment = "auto"
+# An approval nobody answers is denied after this many seconds (10..86400); the agent is told.
+approval_timeout_s = 600
+# After a turn the agent process waits this many seconds (0..86400) for a follow-up, then exits.
+warm_s = 300
+# Agent processes kept waiting at once (0..32); the one idle longest is closed first.
+max_warm = 1
 
 [projects]
 # Names the model may use for a task's directory (absolute or ~/...); a task without one gets a scratch dir.
@@ -768,11 +855,43 @@ impl Config {
             ),
             Some(_) => {}
         }
-        if !agent.command.is_empty() && !agent.command.iter().any(|a| a.contains("{prompt}")) {
+        match agent.protocol_in_use().0 {
+            AgentProtocol::Oneshot if !agent.command.iter().any(|a| a.contains("{prompt}")) => {
+                if !agent.command.is_empty() {
+                    flaw(
+                        &["agent.command", "agent.protocol"],
+                        "agent.command: no element contains \"{prompt}\" (where the task prompt \
+                         goes with agent.protocol \"oneshot\")"
+                            .into(),
+                    );
+                }
+            }
+            AgentProtocol::Oneshot => {}
+            AgentProtocol::Claude => {
+                let added = agent.command.iter().enumerate().skip(1).find(|(_, arg)| {
+                    let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+                    CLAUDE_FLAGS.contains(&flag)
+                });
+                if let Some((i, arg)) = added {
+                    flaw(
+                        &[&format!("agent.command[{i}]"), "agent.command"],
+                        format!(
+                            "agent.command: walkie adds {arg:?} itself with agent.protocol \
+                             \"claude\"; remove it (the permission mode is \
+                             agent.permission_mode), or set agent.protocol = \"oneshot\""
+                        ),
+                    );
+                }
+            }
+        }
+        if !PERMISSION_MODES.contains(&agent.permission_mode.as_str()) {
             flaw(
-                &["agent.command"],
-                "agent.command: no element contains \"{prompt}\" (where the task prompt goes)"
-                    .into(),
+                &["agent.permission_mode"],
+                format!(
+                    "agent.permission_mode: must be one of {} (got {:?})",
+                    PERMISSION_MODES.join(", "),
+                    agent.permission_mode
+                ),
             );
         }
         if !agent.resume.iter().any(|a| a.contains("{session}")) {
@@ -1762,8 +1881,8 @@ mod tests {
             "agent.command: the first element (the program) must not be empty",
         );
         assert_error(
-            "[agent]\ncommand = [\"claude\", \"-p\"]\n",
-            2,
+            "[agent]\nprotocol = \"oneshot\"\ncommand = [\"claude\", \"-p\"]\n",
+            3,
             "agent.command: no element contains \"{prompt}\"",
         );
         assert_error(
@@ -1783,6 +1902,96 @@ mod tests {
                 "agent.command = [\"claude\", \"--dangerously-skip-permissions\", \"{prompt}\"]\n"
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn agent_protocol_rules() {
+        // The default: the Claude CLI kept open, walkie adding the flags.
+        let config = parse("[agent]\ncommand = [\"claude\"]\n").unwrap();
+        assert_eq!(
+            config.agent.protocol_in_use(),
+            (AgentProtocol::Claude, None)
+        );
+        assert_eq!(config.agent.permission_mode, "acceptEdits");
+        assert_eq!(
+            (
+                config.agent.approval_timeout_s,
+                config.agent.warm_s,
+                config.agent.max_warm
+            ),
+            (600, 300, 1)
+        );
+        let config = parse(
+            "[agent]\ncommand = [\"/opt/claude/bin/claude\", \"--model\", \"sonnet\"]\n\
+             permission_mode = \"bypassPermissions\"\napproval_timeout_s = 60\nwarm_s = 0\n\
+             max_warm = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.agent.protocol_in_use().0, AgentProtocol::Claude);
+        assert_eq!(config.agent.permission_mode, "bypassPermissions");
+        assert_eq!((config.agent.warm_s, config.agent.max_warm), (0, 0));
+
+        // An old command with {prompt} keeps running one-shot, with a line saying how to
+        // switch; written explicitly, one-shot says nothing.
+        let old = parse("[agent]\ncommand = [\"claude\", \"-p\", \"{prompt}\"]\n").unwrap();
+        let (protocol, notice) = old.agent.protocol_in_use();
+        assert_eq!(protocol, AgentProtocol::Oneshot);
+        let notice = notice.unwrap();
+        assert!(
+            notice.contains("agent.command = [\"claude\"]")
+                && notice.contains("agent.protocol = \"oneshot\""),
+            "{notice}"
+        );
+        let explicit = parse(
+            "[agent]\nprotocol = \"oneshot\"\ncommand = [\"aider\", \"--message\", \"{prompt}\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            explicit.agent.protocol_in_use(),
+            (AgentProtocol::Oneshot, None)
+        );
+        // Today's default command is an old one: it runs one-shot.
+        assert_eq!(
+            Config::default().agent.protocol_in_use().0,
+            AgentProtocol::Oneshot
+        );
+
+        // Flags walkie adds itself are refused with claude, on their own line.
+        assert_error(
+            "[agent]\ncommand = [\n  \"claude\",\n  \"--output-format=json\",\n]\n",
+            4,
+            "agent.command: walkie adds \"--output-format=json\" itself with agent.protocol \"claude\"",
+        );
+        assert_error(
+            "[agent]\ncommand = [\"claude\", \"--permission-mode\", \"plan\"]\n",
+            2,
+            "agent.command: walkie adds \"--permission-mode\" itself",
+        );
+        assert_error(
+            "[agent]\nprotocol = \"acp\"\n",
+            2,
+            "agent.protocol: unknown value \"acp\", expected \"claude\" or \"oneshot\"",
+        );
+        assert_error(
+            "[agent]\npermission_mode = \"yolo\"\n",
+            2,
+            "agent.permission_mode: must be one of acceptEdits, auto, default, dontAsk, plan, bypassPermissions (got \"yolo\")",
+        );
+        assert_error(
+            "[agent]\napproval_timeout_s = 5\n",
+            2,
+            "agent.approval_timeout_s: must be between 10 and 86400",
+        );
+        assert_error(
+            "[agent]\nwarm_s = -1\n",
+            2,
+            "agent.warm_s: must be between 0 and 86400",
+        );
+        assert_error(
+            "[agent]\nmax_warm = 33\n",
+            2,
+            "agent.max_warm: must be between 0 and 32",
         );
     }
 

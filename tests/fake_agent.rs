@@ -833,7 +833,7 @@ fn partial_messages_add_stream_events() {
 
 /// The flags walkie passes for the kept-open protocol (the protocol core's own list).
 fn walkie_duplex_args() -> Vec<String> {
-    walkie::tasks::claude::agent_args("acceptEdits", None)
+    walkie::tasks::claude::agent_args("acceptEdits")
 }
 
 /// The flags the kept-open fixtures were captured with: no replays. `mode` is theirs

@@ -13,15 +13,19 @@
 //!
 //! # Design note for wiring it in (issue 10, second phase)
 //!
-//! **Spawning.** With `agent.protocol = "claude"` the argv is `agent.command` (default
-//! `["claude"]`) + [`agent_args`] (+ `--resume ID` for a cold follow-up), the environment
-//! gets [`SESSION_STATE_ENV`] on top of `env_pass`/`env_set`, and stdin is a pipe (today it
-//! is `/dev/null`). The prompt is never in argv: [`ClaudeSession::new`] queues it as the
-//! first user line. `oneshot` keeps today's path untouched ([`StreamParser`] over stdout,
-//! `{prompt}` in argv, stdin `/dev/null`). Which one applies comes from
-//! `AgentConfig::protocol_in_use` in `config.rs`, which also gives the log line for an old
-//! `{prompt}` command; the default `agent.command` flips to `["claude"]` in the same change
-//! that wires this core in.
+//! **Spawning.** Which protocol a task uses comes from `AgentConfig::protocol_in_use` in
+//! `config.rs` (log its notice at start and on SIGHUP: an old `{prompt}` command runs
+//! one-shot and the line says how to switch). With `claude` the argv is `agent.command` +
+//! [`agent_args`]`(agent.permission_mode)` (+ `agent.resume` with `{session}` for a cold
+//! follow-up), the environment gets [`SESSION_STATE_ENV`] on top of `env_pass`/`env_set`,
+//! and stdin is a pipe (today it is `/dev/null`). The prompt is never in argv:
+//! [`ClaudeSession::new`] queues it as the first user line, with `agent.approval_timeout_s`.
+//! `oneshot` keeps today's path untouched ([`StreamParser`] over stdout, `{prompt}` in argv,
+//! stdin `/dev/null`). The configuration already validates the `claude` command (no flag
+//! walkie adds itself) but today's engine still expands `command` as a one-shot template
+//! whatever the protocol: the change that wires this core in must also flip the default
+//! `agent.command` to `["claude"]` (the README, docs/CONFIGURATION.md and `walkie config
+//! example` with it).
 //!
 //! **stdin ownership.** The engine's per-task live state owns the write end as a
 //! `mio::unix::pipe::Sender` (non-blocking, registered for WRITABLE only while
@@ -113,9 +117,10 @@ const SENTENCE_CHARS: usize = 160;
 /// How much of the end of a text is searched for its last sentence, in bytes.
 const SENTENCE_WINDOW: usize = 4 * 1024;
 
-/// The flags walkie adds to `agent.command` for the duplex protocol (CONTROL.md).
-pub fn agent_args(permission_mode: &str, resume: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = [
+/// The flags walkie adds to `agent.command` for the duplex protocol (CONTROL.md); a cold
+/// follow-up adds `agent.resume` after them, as the one-shot protocol does.
+pub fn agent_args(permission_mode: &str) -> Vec<String> {
+    [
         "-p",
         "--input-format",
         "stream-json",
@@ -129,11 +134,7 @@ pub fn agent_args(permission_mode: &str, resume: Option<&str>) -> Vec<String> {
         permission_mode,
     ]
     .map(String::from)
-    .to_vec();
-    if let Some(session) = resume {
-        args.extend(["--resume".to_owned(), session.to_owned()]);
-    }
-    args
+    .to_vec()
 }
 
 /// How the user answered a permission request.
@@ -1079,14 +1080,12 @@ mod tests {
     #[test]
     fn agent_args_are_the_documented_flags() {
         let control = fixture("", "CONTROL.md");
-        let args = agent_args("acceptEdits", None);
+        let args = agent_args("acceptEdits");
         for arg in &args {
             assert!(control.contains(arg.as_str()), "{arg} not in CONTROL.md");
         }
         assert_eq!(args[0], "-p");
         assert_eq!(args[args.len() - 2..], ["--permission-mode", "acceptEdits"]);
-        let resumed = agent_args("default", Some("abc"));
-        assert_eq!(resumed[resumed.len() - 2..], ["--resume", "abc"]);
         assert!(control.contains(SESSION_STATE_ENV.0));
     }
 
