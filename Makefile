@@ -1,14 +1,25 @@
 # walkie — the two commands that matter: `make demo` and `make test` (see README.md).
 CARGO ?= cargo
 VENV ?= .venv
+# `make install` puts walkie under $(PREFIX) (bin/, share/doc/walkie/) and its user unit in
+# ~/.config/systemd/user; no root needed (see tools/install.sh).
+PREFIX ?= $(HOME)/.local
+# The Raspberry Pi (64-bit OS) target; .cargo/config.toml names the cross linker.
+AARCH64 := aarch64-unknown-linux-gnu
 
-.PHONY: all deps build release test lint fmt demo sdk-venv clean
+.PHONY: all deps deps-test build release test lint fmt demo sdk-venv clean install uninstall \
+	aarch64 deb deb-arm64 dist
 
 all: build
 
 # Debian packages the build and tests need (idempotent; root or sudo).
 deps:
 	@./tools/deps.sh
+
+# Also what the tests need: systemd-analyze, the aarch64 cross toolchain and qemu-user,
+# dpkg-dev and cargo-deb (tools/deps.sh says what and why).
+deps-test:
+	@./tools/deps.sh test
 
 build: deps
 	$(CARGO) build --locked --workspace --all-targets
@@ -23,7 +34,7 @@ $(VENV)/.ok: tools/sdk-check/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tools/sdk-check/requirements.txt
 	touch $@
 
-test: deps sdk-venv
+test: deps-test sdk-venv
 	WALKIE_SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --locked --workspace --all-targets
 
 lint:
@@ -32,6 +43,31 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+install: release
+	BIN=target/release/walkie PREFIX="$(PREFIX)" ./tools/install.sh install
+
+uninstall:
+	PREFIX="$(PREFIX)" ./tools/install.sh uninstall
+
+# An aarch64 binary for a Raspberry Pi 3/4/5 or Zero 2 W with a 64-bit OS:
+# target/aarch64-unknown-linux-gnu/release/walkie
+aarch64:
+	@./tools/deps.sh cross
+	$(CARGO) build --locked --release -p walkie --target $(AARCH64)
+
+# The files the Debian packages carry beside the binary (unit with /usr/bin, examples).
+dist:
+	./tools/dist.sh target/dist
+
+# Debian packages: target/debian/walkie_*_amd64.deb and (deb-arm64) walkie_*_arm64.deb.
+deb: release dist
+	@./tools/deps.sh deb
+	$(CARGO) deb --locked -p walkie --no-build
+
+deb-arm64: aarch64 dist
+	@./tools/deps.sh deb
+	$(CARGO) deb --locked -p walkie --no-build --target $(AARCH64)
 
 # The main job on the built-in local stand-ins: no keys, no hardware.
 demo: deps

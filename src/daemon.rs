@@ -26,6 +26,7 @@ use crate::reactor::{self, Reactor};
 use crate::realtime::events::SessionSettings;
 use crate::realtime::link::{Link, LinkEvent, LinkSettings, LinkStatus};
 use crate::realtime::trace::Trace;
+use crate::sd_notify::Notifier;
 use crate::signals::{SignalEvent, Signals};
 use crate::state::{self, StateFile, StateWriter};
 use crate::tasks::contain::{self, Containment};
@@ -118,6 +119,8 @@ struct Daemon {
     /// `logs` requests waiting for the writer thread: ticket → connection.
     pending_logs: HashMap<u64, mio::Token>,
     ready: Vec<Event>,
+    /// systemd's `Type=notify` socket: READY, STATUS, the watchdog (a no-op elsewhere).
+    notifier: Notifier,
 }
 
 impl Daemon {
@@ -227,6 +230,7 @@ impl Daemon {
             task_summary_stale: false,
             pending_logs: HashMap::new(),
             ready: Vec::with_capacity(256),
+            notifier: Notifier::from_env(),
         };
         daemon
             .control
@@ -240,11 +244,25 @@ impl Daemon {
             ConfigSource::File(p) => log::info!("configuration: {}", p.display()),
             ConfigSource::Defaults => log::info!("configuration: defaults (no file)"),
         }
-        if let Some((state, why)) = &daemon.link_off {
-            log::warn!("Realtime link {state}: {why}");
-        }
+        // Ready, but say plainly when there is no voice: a missing key is not a detail.
+        let voice = match &daemon.link_off {
+            Some(("failed", why)) => {
+                log::error!(
+                    "no voice: {why}. The button does nothing until it is fixed and walkie restarted (`walkie doctor` checks it); tasks still work through `walkie ctl`"
+                );
+                if let Some(audio) = daemon.audio.as_mut() {
+                    audio.play_earcon(crate::voice::Earcon::Failed);
+                }
+                " without voice (the Realtime link failed)"
+            }
+            Some((_, why)) => {
+                log::info!("Realtime link disabled: {why}");
+                " without voice (realtime.url = \"none\")"
+            }
+            None => "",
+        };
         log::info!(
-            "walkie {} ready in {} ms: control socket {}, {} task(s) in the registry",
+            "walkie {} ready{voice} in {} ms: control socket {}, {} task(s) in the registry",
             env!("CARGO_PKG_VERSION"),
             started.elapsed().as_millis(),
             daemon.control.path().display(),
@@ -254,6 +272,8 @@ impl Daemon {
     }
 
     fn run_loop(&mut self) -> std::io::Result<()> {
+        self.notifier.ready(Instant::now(), self.status_line());
+        crate::sd_notify::test_block_loop_once();
         loop {
             let now = Instant::now();
             let deadline = if self.engine.has_backlog() {
@@ -281,6 +301,10 @@ impl Daemon {
             if let Some(trace) = self.trace.as_mut() {
                 trace.flush();
             }
+            self.notifier.on_loop(now);
+            if self.notifier.enabled() {
+                self.notifier.status(self.status_line());
+            }
             if self.shutdown_complete(now) {
                 break;
             }
@@ -303,6 +327,7 @@ impl Daemon {
             self.button.next_deadline(),
             self.shutdown_deadline,
             playback,
+            self.notifier.next_deadline(),
         ])
     }
 
@@ -614,6 +639,38 @@ impl Daemon {
         }
     }
 
+    /// One line for `systemctl status`: the link, the tasks, and audio or button trouble.
+    fn status_line(&self) -> String {
+        let link = match (&self.link, &self.link_off) {
+            (Some(link), _) => link.status().as_str(),
+            (None, Some((state, _))) => state,
+            (None, None) => "disabled",
+        };
+        let mut line = format!(
+            "link {link}; {} task(s) running",
+            self.engine.running_count()
+        );
+        if let Some(why) = self
+            .link
+            .as_ref()
+            .and_then(Link::last_error)
+            .or(self.link_off.as_ref().map(|(_, why)| why.as_str()))
+            .filter(|_| link == "failed")
+        {
+            line.push_str(&format!(" ({why})"));
+        }
+        let audio = self.audio.as_ref().map(|a| a.status().state);
+        for (part, state) in [
+            ("audio", audio),
+            ("button", Some(self.button.status().state)),
+        ] {
+            if let Some(state @ ("failed" | "opening")) = state {
+                line.push_str(&format!("; {part} {state}"));
+            }
+        }
+        line
+    }
+
     fn persist(&mut self) {
         self.state_dirty = false;
         if let Some(writer) = self.state.as_ref() {
@@ -626,6 +683,12 @@ impl Daemon {
     }
 
     fn reload(&mut self) {
+        self.notifier.reloading();
+        self.reload_config();
+        self.notifier.reloaded();
+    }
+
+    fn reload_config(&mut self) {
         let source = Config::locate(self.config_path.as_deref(), &self.paths);
         match Config::load_source(&source) {
             Err(e) => log::error!(
@@ -658,6 +721,7 @@ impl Daemon {
             "{why}: shutting down ({} task(s) running)",
             self.engine.running_count()
         );
+        self.notifier.stopping(&format!("{why}: shutting down"));
         let grace = Duration::from_millis(self.config.agent.cancel_grace_ms);
         self.shutdown_deadline = Some(now + grace + SHUTDOWN_MARGIN);
         if let Some(audio) = self.audio.take() {
@@ -805,7 +869,8 @@ fn build_link(
     };
     let api_key = match config.link_api_key() {
         Ok(key) => key,
-        Err(e) => return (None, Some(("failed", format!("no API key: {e}")))),
+        // The message already says "no OpenAI API key: …".
+        Err(e) => return (None, Some(("failed", e.to_string()))),
     };
     let ca_file = Some(config.realtime.ca_file.trim())
         .filter(|s| !s.is_empty())

@@ -24,6 +24,7 @@ pub mod logging;
 pub mod paths;
 pub mod reactor;
 pub mod realtime;
+pub mod sd_notify;
 pub mod signals;
 pub mod state;
 #[allow(unsafe_code)]

@@ -126,6 +126,19 @@ pub enum LinkStatus {
     Failed,
 }
 
+impl LinkStatus {
+    /// The word `walkie ctl status` and `systemctl status` show.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LinkStatus::Disabled => "disabled",
+            LinkStatus::Connecting => "connecting",
+            LinkStatus::Connected => "connected",
+            LinkStatus::Backoff { .. } => "backoff",
+            LinkStatus::Failed => "failed",
+        }
+    }
+}
+
 /// Why [`Link::send_text`] did not queue a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {

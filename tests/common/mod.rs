@@ -44,6 +44,33 @@ pub const WALKIE: &str = env!("CARGO_BIN_EXE_walkie");
 pub const FAKE_AGENT: &str = beside_walkie!("fake-agent");
 pub const FAKE_REALTIME: &str = beside_walkie!("fake-realtime");
 
+/// A `cargo` command for builds from inside a test, without the variables `cargo test` set
+/// for this process: build scripts track some of them (ring's reruns on
+/// `CARGO_MANIFEST_DIR`), so inheriting them would rebuild half the dependency tree here and
+/// again in the next ordinary build.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let set_by_cargo_test = name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            );
+        if set_by_cargo_test {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Builds the `walkie-fakes` binaries into walkie's target directory and profile, once per
 /// test process. `cargo test --test tasks` builds only the walkie package's targets, so
 /// without this a test would run a missing or stale fake-agent after an edit of its sources.
@@ -57,7 +84,7 @@ pub fn fakes_built() {
             return;
         }
         let profile_dir = Path::new(WALKIE).parent().unwrap();
-        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+        let mut cargo = cargo();
         cargo.args(["build", "--quiet", "-p", "walkie-fakes", "--bins"]);
         match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => {}
@@ -84,6 +111,49 @@ pub fn fakes_built() {
         assert!(status.success(), "cargo build -p walkie-fakes failed");
         assert!(Path::new(FAKE_AGENT).exists() && Path::new(FAKE_REALTIME).exists());
     });
+}
+
+/// The Raspberry Pi target (64-bit OS).
+pub const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// Cross-builds walkie and the fakes for aarch64 in walkie's profile (a no-op when they are
+/// current; .cargo/config.toml names the cross linker); returns the directory holding them.
+/// Needs what `tools/deps.sh test` installs.
+pub fn aarch64_built() -> PathBuf {
+    let profile_dir = Path::new(WALKIE).parent().unwrap();
+    let profile = profile_dir.file_name().unwrap().to_str().unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let mut cargo = cargo();
+    cargo.args([
+        "build",
+        "--quiet",
+        "-p",
+        "walkie",
+        "-p",
+        "walkie-fakes",
+        "--bins",
+        "--target",
+        AARCH64,
+    ]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cargo.arg("--release");
+        }
+        other => {
+            cargo.args(["--profile", other]);
+        }
+    }
+    let status = cargo
+        .env("CARGO_AARCH64_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo");
+    assert!(
+        status.success(),
+        "the aarch64 cross build failed: does `tools/deps.sh test` (make deps-test) run?"
+    );
+    target_dir.join(AARCH64).join(profile)
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
