@@ -305,6 +305,18 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
+    /// More than one of those, in line order: one line each, so `walkie config check`
+    /// shows every mistake at once. Handled like `Invalid`.
+    #[error("{}", several_lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn several_lines(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Why no OpenAI key is available. No message ever contains the key itself.
@@ -599,12 +611,33 @@ max_warm = 1
 
 impl Config {
     /// Parses and validates `text`; `path` is only used in messages, exactly as given.
+    /// Every error in the file is reported ([`ConfigError::Several`] when there are more
+    /// than one), not only the first.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let invalid = |problem: Problem| ConfigError::Invalid {
             path: path.to_path_buf(),
             line: problem.line,
             message: problem.message,
         };
+        match Config::parse_all(text) {
+            Ok(config) => Ok(config),
+            Err(mut problems) => {
+                problems.sort_by_key(|p| p.line);
+                if problems.len() == 1 {
+                    Err(invalid(problems.remove(0)))
+                } else {
+                    Err(ConfigError::Several(
+                        problems.into_iter().map(invalid).collect(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The three passes over `text`; every problem found, unsorted. After the first pass,
+    /// the keys it blamed are left out (their defaults stand in), so the later passes still
+    /// see and judge the rest of the file.
+    fn parse_all(text: &str) -> Result<Config, Vec<Problem>> {
         let lines = LineIndex::new(text);
         let document = DeTable::parse(text).map_err(|e| {
             let span = e.span();
@@ -614,10 +647,10 @@ impl Config {
             if let Some(key) = key.filter(|key| !key.is_empty() && message == "duplicate key") {
                 message = format!("duplicate key {key}");
             }
-            invalid(Problem {
+            vec![Problem {
                 line: span.map_or(1, |span| lines.line_at(span.start)),
                 message,
-            })
+            }]
         })?;
 
         let schema = toml::Table::try_from(Config::default())
@@ -629,22 +662,48 @@ impl Config {
             problems: Vec::new(),
         };
         walk.table(document.get_ref(), &schema, "");
-        let Walk { keys, problems, .. } = walk;
-        if let Some(first) = earliest(problems) {
-            return Err(invalid(first));
-        }
+        let Walk {
+            keys, mut problems, ..
+        } = walk;
         let located = Located { lines, keys };
+        let mut document = document.into_inner();
+        let blamed: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        for (path, (line, _)) in &located.keys {
+            if blamed.contains(line) {
+                remove_path(&mut document, path);
+            }
+        }
 
-        let config = Config::deserialize(toml::de::Deserializer::from(document))
-            .map_err(|e| invalid(located.serde_problem(&e)))?;
-
-        let problems = config.flaws().into_iter().map(|flaw| Problem {
-            line: located.line_of(&flaw.at),
-            message: flaw.message,
-        });
-        match earliest(problems) {
-            Some(first) => Err(invalid(first)),
-            None => Ok(config),
+        // serde stops at its first error: leave that key out and go again, a few times.
+        let mut config = None;
+        for _ in 0..16 {
+            match Config::deserialize(toml::de::Deserializer::from(toml::Spanned::new(
+                0..text.len(),
+                document.clone(),
+            ))) {
+                Ok(c) => {
+                    config = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    let (problem, owner) = located.serde_problem(&e);
+                    problems.push(problem);
+                    match owner {
+                        Some(path) if remove_path(&mut document, &path) => {}
+                        _ => break,
+                    }
+                }
+            }
+        }
+        if let Some(config) = &config {
+            problems.extend(config.flaws().into_iter().map(|flaw| Problem {
+                line: located.line_of(&flaw.at),
+                message: flaw.message,
+            }));
+        }
+        match config {
+            Some(config) if problems.is_empty() => Ok(config),
+            _ => Err(problems),
         }
     }
 
@@ -686,6 +745,12 @@ impl Config {
     /// says `chmod 600 FILE`) or else the env var named by `api_key_env`. Trim whitespace.
     pub fn api_key(&self) -> Result<String, KeyError> {
         self.api_key_with(|name| std::env::var_os(name))
+    }
+
+    /// [`Config::api_key`] with the variables of another environment (`walkie doctor`
+    /// checks the service's, read from its unit and environment file).
+    pub fn api_key_from(&self, var: impl Fn(&str) -> Option<OsString>) -> Result<String, KeyError> {
+        self.api_key_with(var)
     }
 
     fn api_key_with(&self, var: impl Fn(&str) -> Option<OsString>) -> Result<String, KeyError> {
@@ -1084,9 +1149,22 @@ struct Flaw {
     message: String,
 }
 
-/// The first error in file order: fixing from the top is how people read a file.
-fn earliest(problems: impl IntoIterator<Item = Problem>) -> Option<Problem> {
-    problems.into_iter().min_by_key(|p| p.line)
+/// Removes `path` (`section.key`, `section.key[i]` names the whole array) from the
+/// document; whether there was something to remove.
+fn remove_path(document: &mut DeTable<'_>, path: &str) -> bool {
+    let path = path.split('[').next().unwrap_or(path);
+    let mut table = document;
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            return table.remove(part).is_some();
+        }
+        match table.get_mut(part).map(toml::Spanned::get_mut) {
+            Some(DeValue::Table(inner)) => table = inner,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Byte offset → line number.
@@ -1135,14 +1213,15 @@ impl Located {
         1
     }
 
-    /// A serde error, named by the innermost key whose value contains its span.
-    fn serde_problem(&self, error: &toml::de::Error) -> Problem {
+    /// A serde error, named by the innermost key whose value contains its span; and that
+    /// key's path.
+    fn serde_problem(&self, error: &toml::de::Error) -> (Problem, Option<String>) {
         let message = error
             .message()
             .replace('`', "\"")
             .replace("unknown variant", "unknown value");
         let Some(span) = error.span() else {
-            return Problem { line: 1, message };
+            return (Problem { line: 1, message }, None);
         };
         let owner = self
             .keys
@@ -1150,14 +1229,20 @@ impl Located {
             .filter(|(_, (_, value))| value.start <= span.start && span.end <= value.end)
             .min_by_key(|(_, (_, value))| value.len());
         match owner {
-            Some((path, _)) => Problem {
-                line: self.lines.line_at(span.start),
-                message: format!("{}: {message}", path.split('[').next().unwrap_or(path)),
-            },
-            None => Problem {
-                line: self.lines.line_at(span.start),
-                message,
-            },
+            Some((path, _)) => (
+                Problem {
+                    line: self.lines.line_at(span.start),
+                    message: format!("{}: {message}", path.split('[').next().unwrap_or(path)),
+                },
+                Some(path.clone()),
+            ),
+            None => (
+                Problem {
+                    line: self.lines.line_at(span.start),
+                    message,
+                },
+                None,
+            ),
         }
     }
 }
@@ -1451,6 +1536,36 @@ mod tests {
             }
         }
         assert!(EXAMPLE.contains("# myapp = \"~/code/myapp\""));
+    }
+
+    #[test]
+    fn every_error_in_the_file_is_reported_in_line_order() {
+        let text = "[realtime]\nvoice = \"nobody\"\n[audio]\nbackend = \"pulse\"\nperiod_ms = 0\n\
+                    colour = 1\n[button]\nmode = \"sideways\"\nkey = \"KEY_NOPE\"\n[agent]\nmax_running = \"3\"\n";
+        let message = error(text);
+        let lines: Vec<&str> = message.lines().collect();
+        let expected = [
+            (2, "realtime.voice: must be one of"),
+            (4, "audio.backend: unknown value \"pulse\""),
+            (5, "audio.period_ms: must be between 2 and 100"),
+            (6, "unknown key \"colour\" in [audio]"),
+            (8, "button.mode: unknown value \"sideways\""),
+            (9, "button.key: must be a KEY_*/BTN_* name"),
+            (11, "agent.max_running: must be an integer"),
+        ];
+        assert_eq!(lines.len(), expected.len(), "{message}");
+        for (line, (n, start)) in lines.iter().zip(expected) {
+            let prefix = format!("{FILE}:{n}: {start}");
+            assert!(
+                line.starts_with(&prefix),
+                "expected `{prefix}…`, got `{line}`"
+            );
+        }
+        // One error stays a plain Invalid.
+        assert!(matches!(
+            parse("[audio]\nperiod_ms = 0\n"),
+            Err(ConfigError::Invalid { line: 2, .. })
+        ));
     }
 
     #[test]

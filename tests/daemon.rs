@@ -279,34 +279,6 @@ fn devices_lists_alsa_pcms_and_input_devices() {
 }
 
 #[test]
-fn doctor_checks_the_setup_one_line_each() {
-    let w = Walkie::new();
-    let out = w.run_cmd(&["doctor"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(
-        text.contains("ok   configuration") && text.contains("ok   agent command"),
-        "{text}"
-    );
-    assert!(text.contains("daemon: not running"), "{text}");
-    w.write_config(
-        &w.default_config("")
-            .replace(FAKE_AGENT, "no-such-agent-program"),
-    );
-    let out = w.run_cmd(&["doctor"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        text.contains("FAIL agent command: no-such-agent-program is not on PATH"),
-        "{text}"
-    );
-    w.write_config("[audio]\nperiod_ms = 0\n");
-    let out = w.run_cmd(&["doctor"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL configuration"));
-}
-
-#[test]
 fn a_second_daemon_of_the_same_state_directory_refuses_whatever_its_runtime_dir() {
     let mut w = Walkie::new();
     w.start();

@@ -160,6 +160,27 @@ pub struct PcmInfo {
     pub output: bool,
 }
 
+/// Opens ALSA PCM `device` the way the audio threads do (24 kHz mono S16_LE, non-blocking)
+/// and closes it again: `walkie doctor`'s check that the device will work.
+pub fn probe_pcm(device: &str, capture: bool, period_ms: u32) -> Result<(), String> {
+    let dir = if capture {
+        alsa::Direction::Capture
+    } else {
+        alsa::Direction::Playback
+    };
+    let period_frames = (SAMPLE_RATE as usize * period_ms as usize / 1000).max(1);
+    // alsa-lib's own lines ("Unknown PCM …") would repeat what the error says.
+    crate::sys::sched::silence_alsa_errors_on_this_thread();
+    device::open_alsa(device, dir, period_frames)
+        .map(drop)
+        .map_err(|e| match &e {
+            device::OpenError::Open { source, .. } if source.errno() == libc::EBUSY => {
+                format!("ALSA PCM \"{device}\" is busy")
+            }
+            _ => e.to_string(),
+        })
+}
+
 /// The PCMs alsa-lib knows (its configuration and the sound cards' hints). Empty when
 /// ALSA cannot enumerate anything.
 pub fn list_pcms() -> Vec<PcmInfo> {

@@ -3,5 +3,6 @@
 
 pub mod events;
 pub mod link;
+pub mod probe;
 pub mod tls;
 pub mod trace;
