@@ -30,8 +30,10 @@ usage:
   walkie ctl press | release                       the push-to-talk button, from software
   walkie doctor [--config FILE]                    checks the setup, one line each
   walkie devices                                   ALSA PCMs and input devices
-  walkie config check [FILE] | walkie config example
+  walkie button learn [--device PATH]              find the key to use as the button
+  walkie config check [FILE] | example | init      validate, print or write the configuration
 
+`walkie COMMAND --help` says more about each command.
 exit codes: 0 ok, 1 failure, 2 usage or configuration error, 3 daemon not reachable
 ";
 
@@ -67,11 +69,24 @@ fn dispatch(args: &[String]) -> Result<i32, Usage> {
         eprint!("{USAGE}");
         return Ok(EXIT_USAGE);
     };
-    match cmd.as_str() {
-        "-h" | "--help" | "help" => {
-            print!("{USAGE}");
-            Ok(EXIT_OK)
+    // `walkie X Y --help` (before any `--`) and `walkie help X Y`: the most specific topic.
+    let asks_help = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--help" || a == "-h");
+    if asks_help || cmd == "help" {
+        let words: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| !a.starts_with('-') && *a != "help")
+            .collect();
+        match crate::help::topic(&words) {
+            Some(text) => println!("{text}"),
+            None => print!("{USAGE}"),
         }
+        return Ok(EXIT_OK);
+    }
+    match cmd.as_str() {
         "-V" | "--version" => {
             println!("walkie {}", env!("CARGO_PKG_VERSION"));
             Ok(EXIT_OK)
@@ -96,7 +111,11 @@ fn dispatch(args: &[String]) -> Result<i32, Usage> {
             Opts::parse(rest, &[], &[])?.no_positionals()?;
             Ok(crate::devices::devices())
         }
-        other => Err(usage(format!("unknown command \"{other}\""))),
+        "button" => button_cmd(rest),
+        other => Err(usage(format!(
+            "unknown command \"{other}\"{}",
+            crate::help::suggestion(other, "")
+        ))),
     }
 }
 
@@ -136,10 +155,16 @@ fn config_cmd(rest: &[String]) -> Result<i32, Usage> {
             print!("{}", crate::config::EXAMPLE);
             Ok(EXIT_OK)
         }
+        Some((sub, more)) if sub == "init" => {
+            let mut opts = Opts::parse(more, &["--config"], &[])?;
+            opts.no_positionals()?;
+            Ok(config_init(opts.value("--config").map(PathBuf::from)))
+        }
         Some((sub, _)) => Err(usage(format!(
-            "unknown config command \"{sub}\" (check, example)"
+            "unknown config command \"{sub}\"{} (check, example, init)",
+            crate::help::suggestion(sub, "config")
         ))),
-        None => Err(usage("config needs a command: check or example")),
+        None => Err(usage("config needs a command: check, example or init")),
     }
 }
 
@@ -245,10 +270,120 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
                 false,
             )
         }
-        other => return Err(usage(format!("unknown ctl command \"{other}\""))),
+        other => {
+            return Err(usage(format!(
+                "unknown ctl command \"{other}\"{}",
+                crate::help::suggestion(other, "ctl")
+            )));
+        }
     };
     let socket = Paths::from_env().control_socket();
     Ok(client::run(&socket, &request, json))
+}
+
+/// `walkie config init`: the example where walkie looks for its configuration, never over
+/// an existing file. The directory is created (0700: the configuration may name key files).
+fn config_init(explicit: Option<PathBuf>) -> i32 {
+    let paths = Paths::from_env();
+    let path = match Config::locate(explicit.as_deref(), &paths) {
+        crate::config::ConfigSource::File(path) => path,
+        crate::config::ConfigSource::Defaults => paths.config_file.clone(),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+        {
+            eprintln!("walkie: cannot create {}: {e}", dir.display());
+            return EXIT_FAILURE;
+        }
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path);
+    match file {
+        Ok(mut file) => {
+            use std::io::Write;
+            if let Err(e) = file.write_all(crate::config::EXAMPLE.as_bytes()) {
+                eprintln!("walkie: cannot write {}: {e}", path.display());
+                return EXIT_FAILURE;
+            }
+            println!(
+                "wrote {}: every key at its default; edit what you need, then `walkie doctor`",
+                path.display()
+            );
+            EXIT_OK
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            eprintln!(
+                "walkie: {} already exists; it was left as it is (`walkie config example` prints the defaults)",
+                path.display()
+            );
+            EXIT_FAILURE
+        }
+        Err(e) => {
+            eprintln!("walkie: cannot write {}: {e}", path.display());
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// `walkie button learn`.
+fn button_cmd(rest: &[String]) -> Result<i32, Usage> {
+    match rest.split_first() {
+        Some((sub, more)) if sub == "learn" => {
+            let mut opts = Opts::parse(more, &["--device", "--timeout", "--dir"], &[])?;
+            opts.no_positionals()?;
+            let timeout = match opts.value("--timeout") {
+                None => 60,
+                Some(v) => v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| (1..=3600).contains(s))
+                    .ok_or_else(|| usage("--timeout takes seconds, 1..3600"))?,
+            };
+            let device = opts.value("--device").map(PathBuf::from);
+            // --dir: another /dev/input (tests).
+            let dir = PathBuf::from(opts.value("--dir").unwrap_or("/dev/input"));
+            let config_file = Paths::from_env().config_file;
+            let result = crate::button::learn::learn(
+                device.as_deref(),
+                &dir,
+                std::time::Duration::from_secs(timeout),
+                |n, failures| {
+                    for failure in failures {
+                        eprintln!("walkie: cannot read {failure}");
+                    }
+                    eprintln!(
+                        "press the key you want to use ({n} device(s) listening; Ctrl-C to stop)…"
+                    );
+                },
+            );
+            match result {
+                Ok(learned) => {
+                    print!("{}", crate::button::learn::report(&learned, &config_file));
+                    Ok(EXIT_OK)
+                }
+                Err(e) => {
+                    eprintln!("walkie: {e}");
+                    if matches!(e, crate::button::learn::LearnError::NothingReadable(_)) {
+                        eprintln!(
+                            "reading /dev/input needs the input group: sudo usermod -aG input $USER, then log out and in again"
+                        );
+                    }
+                    Ok(EXIT_FAILURE)
+                }
+            }
+        }
+        Some((sub, _)) => Err(usage(format!(
+            "unknown button command \"{sub}\"{} (learn)",
+            crate::help::suggestion(sub, "button")
+        ))),
+        None => Err(usage("button needs a command: learn")),
+    }
 }
 
 /// Options (`--key VALUE`, `--key=VALUE`, flags) and positionals; `--` ends options.

@@ -1396,7 +1396,10 @@ fn a_raw(value: &DeValue<'_>) -> &'static str {
 }
 
 /// The candidate within a typo's reach of `name` (edit distance ≤ 1 per 3 characters).
-fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let reach = (name.chars().count() / 3).max(1);
     candidates
         .map(|candidate| (edit_distance(name, candidate), candidate))

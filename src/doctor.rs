@@ -550,7 +550,14 @@ fn check_api_key(config: &Config, service: &ServiceEnv) -> (Check, Option<String
                 .first()
                 .map(|(p, _)| p.display().to_string())
                 .unwrap_or_else(|| "~/.config/walkie/env".into());
-            let fix = if service.unit.is_some() && in_shell {
+            let fix = if !config.realtime.api_key_file.is_empty() {
+                format!(
+                    "put the key alone in {}, a regular file (chmod 600)",
+                    config.realtime.api_key_file
+                )
+            } else if e.is_config_error() {
+                format!("{var} must hold the key alone: printable ASCII, no spaces or line breaks")
+            } else if service.unit.is_some() && in_shell {
                 format!(
                     "your shell has {var} but the service does not read your profile: put {var}=… in {env_file} (chmod 600)"
                 )

@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod devices;
 pub mod doctor;
 pub mod files;
+pub mod help;
 pub mod instance;
 pub mod logging;
 pub mod paths;

@@ -6,8 +6,6 @@
 //! default `info`). Real-time audio threads never log: they report through atomics and the
 //! main loop logs for them.
 
-use std::io::Write;
-
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct StderrLogger {
@@ -47,7 +45,13 @@ impl Log for StderrLogger {
                 short_target(record.target())
             )
         };
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        // In the library's own unit tests the harness captures eprint! per test (and shows it
+        // only for a failing one); a direct write would spill every test's log into the
+        // output of a passing `make test`.
+        #[cfg(test)]
+        eprint!("{line}");
+        #[cfg(not(test))]
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 
     fn flush(&self) {}

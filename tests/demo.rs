@@ -21,6 +21,8 @@ fn the_demo_runs_the_voice_loop_end_to_end() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The demo says what the fake agent's @directives are before it uses them.
+    assert!(text.contains("acts on @directives"), "{text}");
     // The spoken request started the task through the model's function call...
     assert!(text.contains("start_task("), "{text}");
     assert!(

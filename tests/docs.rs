@@ -103,3 +103,72 @@ fn the_configuration_reference_documents_every_key_with_its_default() {
         "docs/CONFIGURATION.md documents keys `walkie config example` does not have: {gone:?}"
     );
 }
+
+/// The docs a user reads (README, docs/, --help) stand on their own: no pointer to files
+/// outside the repository, and every relative link leads to a file that exists.
+#[test]
+fn the_docs_stand_on_their_own_and_their_links_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap().flatten() {
+        files.push(entry.path());
+    }
+    for name in [
+        "PI.md",
+        "TROUBLESHOOTING.md",
+        "SECURITY.md",
+        "ARCHITECTURE.md",
+        "CONFIGURATION.md",
+        "COSTS.md",
+    ] {
+        assert!(
+            root.join("docs").join(name).is_file(),
+            "docs/{name} is missing"
+        );
+    }
+    assert!(root.join("LICENSE").is_file());
+    let mut texts: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.display().to_string(), std::fs::read_to_string(f).unwrap()))
+        .collect();
+    texts.push((
+        "walkie --help texts".into(),
+        walkie::help::TOPICS
+            .iter()
+            .map(|(_, t)| *t)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    ));
+    for (file, text) in &texts {
+        for outside in [
+            "../shared",
+            "DESIGN.md",
+            "STYLE.md",
+            "shared/fixtures",
+            "shared/reference",
+        ] {
+            assert!(
+                !text.contains(outside),
+                "{file} points outside the repository: {outside}"
+            );
+        }
+    }
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        // Markdown links `](target)` that are not URLs or anchors.
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(target);
+            assert!(
+                resolved.exists(),
+                "{}: the link to {target} leads nowhere",
+                file.display()
+            );
+        }
+    }
+}

@@ -227,7 +227,7 @@ fn a_fifo_as_the_api_key_file_or_the_ca_file_is_refused_at_once() {
     let (code, out) = run_within(&w, &["doctor"]).expect("doctor hung");
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("FAIL realtime link") && out.contains("FIFO"),
+        out.contains("FAIL  API key") && out.contains("FIFO"),
         "{out}"
     );
 
@@ -474,7 +474,7 @@ fn an_api_key_with_control_characters_or_non_ascii_is_a_config_error() {
             let text = String::from_utf8_lossy(&out.stdout);
             assert_eq!(out.status.code(), Some(1), "{key:?}: {text}");
             assert!(
-                text.contains("FAIL realtime link") && text.contains("does not hold an API key"),
+                text.contains("FAIL  API key") && text.contains("does not hold an API key"),
                 "{text}"
             );
         }

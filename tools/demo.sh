@@ -38,6 +38,17 @@ device = "none"
 [agent]
 command = ["$(cd "$BIN" && pwd)/fake-agent", "-p", "{prompt}", "--output-format", "stream-json", "--verbose", "--permission-mode", "acceptEdits"]
 TOML
+say "the stand-in agent (tools/fake-agent)"
+cat <<'TXT'
+The fake agent plays Claude Code: it prints the CLI's stream-json and acts on @directives
+in its prompt instead of thinking. The scripted model writes them into the task prompts it
+sends, e.g. "Fix the flaky login test. @sleep=3 @edit=tests/test_login.py @bash=pytest_…
+@text=The_login_test_is_fixed…": work for 3 s, edit a file, pretend to run a command, and
+finish with that text (underscores are spaces). Others make it fail, stall, flood output or
+ignore signals (tools/fake-agent/README.md); the tests use them all. With the real agent
+the prompt is just what you said.
+TXT
+
 say "configuration ($DEMO/config/walkie/config.toml)"
 cat "$DEMO/config/walkie/config.toml"
 

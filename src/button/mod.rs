@@ -9,6 +9,7 @@
 
 pub mod keycodes;
 pub mod keys;
+pub mod learn;
 mod reader;
 pub mod records;
 pub mod select;
