@@ -127,7 +127,7 @@ pub fn doctor(config_path: Option<PathBuf>) -> i32 {
         emit(check);
     }
     emit(check_button(&config));
-    for check in check_realtime_rights() {
+    for check in check_realtime_rights(&service) {
         emit(check);
     }
     for check in check_agent(&config, &service) {
@@ -320,6 +320,12 @@ impl ServiceEnv {
                 "systemctl --user enable --now walkie (and `loginctl enable-linger $USER` to run without a login)",
             ));
         }
+        checks.push(Check::pass(
+            "service PATH",
+            self.var("PATH")
+                .unwrap_or(SYSTEMD_USER_DEFAULT_PATH)
+                .to_string(),
+        ));
         for problem in &self.problems {
             checks.push(Check::fail(
                 "service",
@@ -794,37 +800,96 @@ fn input_group_fix() -> String {
     }
 }
 
-fn check_realtime_rights() -> Vec<Check> {
+/// RLIMIT_RTPRIO and RLIMIT_MEMLOCK as the audio threads will have them. Under systemd a
+/// user service gets at most its user manager's hard limits (the unit's `LimitRTPRIO=20`
+/// and `LimitMEMLOCK=infinity` cannot raise them), so those are read from the manager's
+/// `/proc/PID/limits` when the unit is installed and the manager runs; else this process's.
+fn check_realtime_rights(service: &ServiceEnv) -> Vec<Check> {
     use nix::sys::resource::{Resource, getrlimit};
-    let root = nix::unistd::geteuid().is_root();
     let wanted = crate::sys::sched::AUDIO_THREAD_PRIORITY as u64;
     let fix = "let the service have them: `sudo systemctl edit user@$(id -u)` with [Service] LimitRTPRIO=20 and LimitMEMLOCK=infinity, then log in again (docs/PI.md)";
-    let rtprio = getrlimit(Resource::RLIMIT_RTPRIO)
-        .map(|(soft, _)| soft)
-        .unwrap_or(0);
-    let memlock = getrlimit(Resource::RLIMIT_MEMLOCK)
-        .map(|(soft, _)| soft)
-        .unwrap_or(0);
+    let manager = service.unit.as_ref().and_then(|_| user_manager_limits());
+    let (whose, rtprio, memlock, privileged) = match manager {
+        Some((pid, rtprio, memlock)) => (
+            format!("the user manager (pid {pid}) allows"),
+            rtprio,
+            memlock,
+            false,
+        ),
+        None => (
+            "this process has".to_string(),
+            getrlimit(Resource::RLIMIT_RTPRIO).map_or(0, |(soft, _)| soft),
+            getrlimit(Resource::RLIMIT_MEMLOCK).map_or(0, |(soft, _)| soft),
+            nix::unistd::geteuid().is_root(),
+        ),
+    };
     let mut checks = Vec::new();
-    checks.push(if root || rtprio >= wanted {
+    checks.push(if privileged || rtprio >= wanted {
         Check::pass("real-time priority", format!("SCHED_FIFO {wanted} allowed"))
     } else {
         Check::warn(
             "real-time priority",
-            format!("RLIMIT_RTPRIO is {rtprio} here (the audio threads ask for {wanted}); audio may glitch under load"),
+            format!("{whose} RLIMIT_RTPRIO {rtprio} (the audio threads ask for {wanted}); audio may glitch under load"),
             fix,
         )
     });
-    checks.push(if root || memlock == libc::RLIM_INFINITY {
+    checks.push(if privileged || memlock == libc::RLIM_INFINITY {
         Check::pass("locked memory", "mlockall allowed")
     } else {
         Check::warn(
             "locked memory",
-            format!("RLIMIT_MEMLOCK is {memlock} bytes here; audio memory may be swapped out"),
+            format!("{whose} RLIMIT_MEMLOCK {memlock} bytes; audio memory may be swapped out"),
             fix,
         )
     });
     checks
+}
+
+/// The running `systemd --user` of this uid: its pid and hard RTPRIO and MEMLOCK limits
+/// (`RLIM_INFINITY` for unlimited).
+fn user_manager_limits() -> Option<(i32, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::getuid().as_raw();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !entry.metadata().is_ok_and(|m| m.uid() == uid) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0);
+        let is_manager = args
+            .next()
+            .is_some_and(|a| a.ends_with(b"/systemd") || a == b"systemd")
+            && args.any(|a| a == b"--user");
+        if !is_manager {
+            continue;
+        }
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+        let (rtprio, memlock) = parse_hard_limits(&limits)?;
+        return Some((pid, rtprio, memlock));
+    }
+    None
+}
+
+/// The hard "Max realtime priority" and "Max locked memory" of a `/proc/PID/limits` text.
+fn parse_hard_limits(text: &str) -> Option<(u64, u64)> {
+    let hard = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+        match *fields.get(1)? {
+            "unlimited" => Some(libc::RLIM_INFINITY),
+            n => n.parse().ok(),
+        }
+    };
+    Some((hard("Max realtime priority")?, hard("Max locked memory")?))
 }
 
 fn check_agent(config: &Config, service: &ServiceEnv) -> Vec<Check> {
@@ -1028,6 +1093,16 @@ mod tests {
                 ("A".to_string(), "b".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn hard_limits_are_read_from_proc_limits() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units\n\
+                    Max locked memory         8388608              unlimited            bytes\n\
+                    Max realtime priority     0                    95\n";
+        assert_eq!(parse_hard_limits(text), Some((95, libc::RLIM_INFINITY)));
+        let mine = std::fs::read_to_string("/proc/self/limits").unwrap();
+        assert!(parse_hard_limits(&mine).is_some());
     }
 
     #[test]

@@ -174,3 +174,37 @@ fn button_learn_names_the_key_pressed_on_a_record_fifo() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no key was pressed in 1 s"));
 }
+
+/// Every command `walkie --help` lists has its own help topic (a command added to the usage
+/// without one fails here).
+#[test]
+fn every_listed_command_has_its_own_topic() {
+    let home = tempfile::tempdir().unwrap();
+    let (_, usage, _) = walkie(home.path(), &["--help"]);
+    let mut seen = 0;
+    for line in usage.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [first, command, rest @ ..] = words.as_slice() else {
+            continue;
+        };
+        if *first != "walkie" || command.starts_with('[') || command.starts_with("COMMAND") {
+            continue;
+        }
+        let path: Vec<&str> = match (*command, rest.first()) {
+            ("ctl" | "config" | "button", Some(sub)) if !sub.starts_with('[') => {
+                vec![command, sub]
+            }
+            _ => vec![command],
+        };
+        let topic =
+            walkie::help::topic(&path).unwrap_or_else(|| panic!("no help topic for {path:?}"));
+        let wanted = format!("usage: walkie {}", path.join(" "));
+        assert!(
+            topic.starts_with(&wanted),
+            "`walkie {} --help` shows another command's help:\n{topic}",
+            path.join(" ")
+        );
+        seen += 1;
+    }
+    assert!(seen >= 15, "only {seen} commands found in:\n{usage}");
+}

@@ -171,7 +171,8 @@ pub fn probe_pcm(device: &str, capture: bool, period_ms: u32) -> Result<(), Stri
     let period_frames = (SAMPLE_RATE as usize * period_ms as usize / 1000).max(1);
     // alsa-lib's own lines ("Unknown PCM …") would repeat what the error says.
     crate::sys::sched::silence_alsa_errors_on_this_thread();
-    device::open_alsa(device, dir, period_frames)
+    // A buffer of four periods: what playback asks for, and enough to open any capture PCM.
+    device::open_alsa(device, dir, period_frames, 4 * period_frames)
         .map(drop)
         .map_err(|e| match &e {
             device::OpenError::Open { source, .. } if source.errno() == libc::EBUSY => {
