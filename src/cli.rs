@@ -18,12 +18,12 @@ walkie — push-to-talk voice front end for coding agents
 usage:
   walkie run [--config FILE] [--trace FILE]       the daemon, in the foreground
   walkie ctl status [--json]                       link, audio, button, task counts, uptime
-  walkie ctl tasks [--json]                        the task registry
+  walkie ctl tasks [--json] [--raw]                the task registry
   walkie ctl start [--name NAME] [--project P] PROMPT...
   walkie ctl continue NAME PROMPT...               follow-up in the task's agent session
   walkie ctl cancel NAME                           interrupt a task and all its descendants
-  walkie ctl result NAME [--json]                  a finished task's summary and details
-  walkie ctl logs NAME [--follow]                  a task's agent output
+  walkie ctl result NAME [--json] [--raw]          a finished task's summary and details
+  walkie ctl logs NAME [--follow] [--raw]          a task's agent output
   walkie ctl events [--json]                       task events as they happen
   walkie ctl say TEXT...                           a typed user turn
   walkie ctl transcript [--json]                   the recent conversation
@@ -172,6 +172,19 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
     let Some((sub, more)) = rest.split_first() else {
         return Err(usage("ctl needs a command (status, tasks, start, …)"));
     };
+    // `--raw`: agent and model text as it came, escape sequences included (see
+    // client::visible), for the commands that print such text.
+    let takes_raw = matches!(
+        sub.as_str(),
+        "status" | "tasks" | "transcript" | "events" | "result" | "logs"
+    );
+    let raw = takes_raw && more.iter().any(|a| a == "--raw");
+    let more: Vec<String> = more
+        .iter()
+        .filter(|a| !(takes_raw && *a == "--raw"))
+        .cloned()
+        .collect();
+    let more = more.as_slice();
     let words = |opts: &Opts, what: &str| -> Result<String, Usage> {
         let text = opts.positionals.join(" ");
         if text.trim().is_empty() {
@@ -278,7 +291,7 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
         }
     };
     let socket = Paths::from_env().control_socket();
-    Ok(client::run(&socket, &request, json))
+    Ok(client::run(&socket, &request, client::Format { json, raw }))
 }
 
 /// `walkie config init`: the example where walkie looks for its configuration, never over

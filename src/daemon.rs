@@ -325,6 +325,7 @@ impl Daemon {
             self.link.as_ref().and_then(Link::next_deadline),
             self.audio.as_ref().and_then(Audio::next_deadline),
             self.button.next_deadline(),
+            self.control.next_deadline(now),
             self.shutdown_deadline,
             playback,
             self.notifier.next_deadline(),
@@ -354,14 +355,14 @@ impl Daemon {
                 self.feed_capture(now);
                 self.engine.on_wake(now);
             }
-            reactor::CONTROL => self.control.on_listener_ready(registry),
+            reactor::CONTROL => self.control.on_listener_ready(registry, now),
             reactor::LINK => {
                 if let Some(link) = self.link.as_mut() {
                     link.on_ready(registry, event, now);
                 }
             }
             reactor::BUTTON => self.button.on_ready(registry, event, now),
-            t if ControlServer::owns(t) => self.control.on_ready(registry, t, event),
+            t if ControlServer::owns(t) => self.control.on_ready(registry, t, event, now),
             t if TaskEngine::owns(t) => self.engine.on_ready(t, now),
             // mio may report a token after its source was dropped: ignore it.
             _ => {}
@@ -371,6 +372,8 @@ impl Daemon {
     fn on_timeouts(&mut self, now: Instant) {
         let registry = self.reactor.registry();
         self.engine.on_timeout(now);
+        // Also where control connections are served, a budget each per iteration.
+        self.control.on_timeout(registry, now);
         if let Some(link) = self.link.as_mut() {
             link.on_timeout(registry, now);
         }
@@ -623,7 +626,11 @@ impl Daemon {
         let (link, audio) = (&self.link, &self.audio);
         let (link_off, started) = (&self.link_off, self.started);
         let shutting_down = self.shutdown_deadline.is_some();
-        let vitals = || vitals(link, link_off, audio.as_ref(), now, started, shutting_down);
+        let control = &self.control;
+        let vitals = || Vitals {
+            control: control.status(),
+            ..vitals(link, link_off, audio.as_ref(), now, started, shutting_down)
+        };
         match handler::handle(req, parts, vitals) {
             Handled::Reply(reply) => self.control.reply(self.reactor.registry(), token, &reply),
             Handled::Subscribe(first, subscription) => {
@@ -823,6 +830,7 @@ fn vitals(
         link,
         link_error,
         audio,
+        control: Value::Null,
         uptime_s: now.saturating_duration_since(started).as_secs(),
         shutting_down,
     }

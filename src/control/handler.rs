@@ -34,6 +34,8 @@ pub struct Vitals {
     pub audio: Value,
     pub uptime_s: u64,
     pub shutting_down: bool,
+    /// The control server's own status (connections, limit, requests served).
+    pub control: Value,
 }
 
 /// The daemon's answer to one request.
@@ -164,6 +166,7 @@ fn status(engine: &TaskEngine, conv: &Conversation, button: &Button, vitals: Vit
         "conversation": conv.status(),
         "recent_transcript": recent,
         "shutting_down": vitals.shutting_down,
+        "control": vitals.control,
     })
 }
 
@@ -254,6 +257,7 @@ mod tests {
                 audio: json!({"state": "disabled"}),
                 uptime_s: 7,
                 shutting_down: false,
+                control: json!({"connections": 1}),
             })
         }
 
