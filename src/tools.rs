@@ -3,7 +3,9 @@
 //! The conversation core asks for a call with `Action::CallTool`; the daemon runs it here,
 //! against the task engine, and hands the output back. Every call returns at once (a start
 //! is a fork/exec, never a wait). Outputs are short because the model reads them aloud in
-//! its own words, and everything in them that came from an agent is redacted.
+//! its own words. Every string in an output is redacted on its way out, whatever it holds
+//! (agent text, a summary from an older state file, a task name, a path): what reaches the
+//! model never carries a secret.
 
 use std::time::Instant;
 
@@ -22,8 +24,30 @@ pub fn run(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -
     out.to_string()
 }
 
-/// Runs tool `name` with its JSON `arguments`.
+/// Runs tool `name` with its JSON `arguments`; every string of the output is redacted.
 pub fn call(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> Value {
+    let mut out = answer(engine, now, name, arguments);
+    redact_strings(&mut out);
+    out
+}
+
+/// Redacts each string of `value` on its own (redacting the serialized JSON could cut
+/// through a quote).
+fn redact_strings(value: &mut Value) {
+    match value {
+        Value::String(s) => {
+            let redacted = redact::redact(s);
+            if redacted != *s {
+                *s = redacted;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_strings),
+        Value::Object(map) => map.values_mut().for_each(redact_strings),
+        _ => {}
+    }
+}
+
+fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> Value {
     let args: Value = match serde_json::from_str(if arguments.trim().is_empty() {
         "{}"
     } else {
@@ -140,4 +164,177 @@ pub fn task_error(e: &TaskError) -> Value {
 fn last_chars(s: &str, n: usize) -> String {
     let count = s.chars().count();
     s.chars().skip(count.saturating_sub(n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::engine::rig::{EngineRig, finished_record};
+
+    /// One of each kind the redaction must catch (the fake agent's `@secret` set).
+    const KEY: &str = "sk-proj-Xy12AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcd";
+    const TOKEN: &str = "ghp_1234567890abcdefghijABCDEFGHIJ123456";
+    const URL: &str = "https://bob:hunter2@example.com/repo.git";
+    const ASSIGNMENT: &str = "DB_PASSWORD=correct-horse-battery-staple";
+    /// What must never appear in a tool output, even cut short.
+    const LEAKS: &[&str] = &["Xy12AbCd", "ghp_1234", "hunter2", "correct-horse"];
+
+    fn clean(out: &Value) -> &Value {
+        let text = out.to_string();
+        for leak in LEAKS {
+            assert!(!text.contains(leak), "{leak} reached the model: {text}");
+        }
+        out
+    }
+
+    fn tool(rig: &mut EngineRig, name: &str, arguments: Value) -> Value {
+        let out = call(&mut rig.engine, rig.t0, name, &arguments.to_string());
+        clean(&out).clone()
+    }
+
+    /// The agent prints its prompt (secrets and all) and waits.
+    fn rig(records: Vec<TaskRecord>) -> EngineRig {
+        EngineRig::new(&["sh", "-c", "echo \"$0\"; sleep 30", "{prompt}"], records)
+    }
+
+    #[test]
+    fn start_task_answers_with_a_name_that_holds_no_secret() {
+        let mut rig = rig(Vec::new());
+        let out = tool(
+            &mut rig,
+            "start_task",
+            json!({"prompt": format!("{URL} clone it")}),
+        );
+        assert_eq!(out["status"], "started", "{out}");
+        let name = out["task"].as_str().unwrap().to_string();
+        // The name the model got is the task's real name: made from the redacted prompt,
+        // not redacted on the way out (the model could not name it then).
+        assert_eq!(rig.engine.resolve(&name).unwrap().name, name, "{out}");
+        // A name the user gave is theirs, but not a secret's characters either.
+        let out = tool(
+            &mut rig,
+            "start_task",
+            json!({"prompt": "x", "name": format!("set {ASSIGNMENT}")}),
+        );
+        assert_eq!(out["status"], "started", "{out}");
+        let name = out["task"].as_str().unwrap();
+        assert_eq!(rig.engine.resolve(name).unwrap().name, name, "{out}");
+        // At the limit: refused, naming the running tasks.
+        let out = tool(&mut rig, "start_task", json!({"prompt": "three"}));
+        assert_eq!(out["status"], "rejected");
+        assert_eq!(out["running"].as_array().unwrap().len(), 2, "{out}");
+        for (arguments, reason) in [
+            ("{}", "missing \"prompt\""),
+            ("[1]", "arguments must be a JSON object"),
+            ("{nope", "arguments are not valid JSON"),
+        ] {
+            let out = call(&mut rig.engine, rig.t0, "start_task", arguments);
+            assert_eq!(out["status"], "rejected");
+            assert!(out["reason"].as_str().unwrap().contains(reason), "{out}");
+        }
+        let out = tool(&mut rig, "format_disk", json!({}));
+        assert_eq!(out["reason"], "unknown tool \"format_disk\"");
+    }
+
+    #[test]
+    fn task_status_shows_recent_output_redacted() {
+        let mut rig = rig(Vec::new());
+        let prompt = format!("{KEY} {TOKEN} {URL} {ASSIGNMENT} and then more words");
+        let out = tool(
+            &mut rig,
+            "start_task",
+            json!({"prompt": prompt, "name": "leaky"}),
+        );
+        assert_eq!(out["task"], "leaky");
+        assert!(rig.pump_until(|r| matches!(
+            r.engine.logs("leaky"),
+            Ok(Logs::Now { text, .. }) if text.contains("more words")
+        )));
+        let out = tool(&mut rig, "task_status", json!({"name": "leaky"}));
+        assert_eq!(out["state"], "running");
+        let recent = out["recent_output"].as_str().unwrap();
+        assert!(
+            recent.contains("[redacted]") && recent.contains("more words"),
+            "{out}"
+        );
+        let out = tool(&mut rig, "task_status", json!({"name": "nobody"}));
+        assert_eq!(out["status"], "not_found");
+        let out = tool(&mut rig, "task_status", json!({}));
+        assert_eq!(out["reason"], "missing \"name\"");
+    }
+
+    #[test]
+    fn list_and_result_redact_what_an_older_state_file_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = vec![
+            finished_record(
+                "deploy",
+                dir.path(),
+                &format!("pushed with {TOKEN}"),
+                &format!("Done. Used {KEY} and {URL}; {ASSIGNMENT}."),
+            ),
+            finished_record("docs-build", dir.path(), "fine", "ok"),
+            finished_record("docs-lint", dir.path(), "fine", "ok"),
+        ];
+        let mut rig = rig(records);
+        let out = tool(&mut rig, "list_tasks", json!({}));
+        let tasks = out["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 3);
+        assert_eq!(tasks[0]["task"], "deploy");
+        assert!(tasks[0]["summary"].as_str().unwrap().contains("[redacted]"));
+        let out = tool(&mut rig, "task_result", json!({"name": "deploy"}));
+        assert_eq!(out["state"], "succeeded");
+        assert_eq!(out["files_changed"], json!(["src/lib.rs"]));
+        let result = out["result"].as_str().unwrap();
+        assert!(
+            result.starts_with("Done.") && result.contains("[redacted]"),
+            "{out}"
+        );
+        let out = tool(&mut rig, "task_result", json!({"name": "docs"}));
+        assert_eq!(out["status"], "ambiguous");
+        assert_eq!(out["candidates"], json!(["docs-build", "docs-lint"]));
+    }
+
+    #[test]
+    fn continue_and_cancel_reach_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = finished_record("story", dir.path(), "first part", "ok");
+        let mut no_session = finished_record("orphan", dir.path(), "x", "y");
+        no_session.session_id = None;
+        old.summary = Some(format!("first part with {KEY}"));
+        let mut rig = rig(vec![old, no_session]);
+        let out = tool(
+            &mut rig,
+            "continue_task",
+            json!({"name": "story", "prompt": format!("now use {TOKEN}")}),
+        );
+        assert_eq!(out, json!({"status": "started", "task": "story"}));
+        let out = tool(
+            &mut rig,
+            "continue_task",
+            json!({"name": "story", "prompt": "more"}),
+        );
+        assert!(
+            out["reason"].as_str().unwrap().contains("still running"),
+            "{out}"
+        );
+        let out = tool(
+            &mut rig,
+            "continue_task",
+            json!({"name": "orphan", "prompt": "more"}),
+        );
+        assert!(
+            out["reason"].as_str().unwrap().contains("no agent session"),
+            "{out}"
+        );
+        let out = tool(&mut rig, "continue_task", json!({"name": "story"}));
+        assert_eq!(out["reason"], "missing \"prompt\"");
+        let out = tool(&mut rig, "cancel_task", json!({"name": "story"}));
+        assert_eq!(out, json!({"status": "cancelling", "task": "story"}));
+        let out = tool(&mut rig, "cancel_task", json!({"name": "orphan"}));
+        assert!(
+            out["reason"].as_str().unwrap().contains("not running"),
+            "{out}"
+        );
+    }
 }

@@ -40,6 +40,8 @@ pub enum Containment {
 /// walkie's cgroup v2 subtree.
 #[derive(Debug)]
 pub struct Cgroups {
+    /// The cgroup2 mount point.
+    mount: PathBuf,
     /// Where tasks' cgroups are created (a path in the cgroup2 mount).
     base: PathBuf,
     /// walkie created `base` beside other processes and removes it at exit.
@@ -235,6 +237,7 @@ impl Cgroups {
             reason.push_str("; no cgroup.kill (kernel before 5.14): members are killed one by one");
         }
         Ok(Cgroups {
+            mount,
             base,
             shared,
             memory,
@@ -254,6 +257,13 @@ impl Cgroups {
 
     pub fn kill_file(&self) -> bool {
         self.kill_file
+    }
+
+    /// A cgroup directory's path inside the hierarchy (`/walkie-…/task-…`), as
+    /// `/proc/<pid>/cgroup` shows it.
+    pub fn hierarchy_path(&self, dir: &Path) -> String {
+        let rel = dir.strip_prefix(&self.mount).unwrap_or(dir);
+        format!("/{}", rel.display())
     }
 
     /// Why `agent.memory_max` cannot apply here, if it cannot.

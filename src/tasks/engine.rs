@@ -413,7 +413,9 @@ impl TaskEngine {
             None => None,
         };
         let taken: HashSet<String> = self.records.iter().map(|r| r.name.clone()).collect();
-        let name = names::derive_name(name.filter(|n| !n.trim().is_empty()), prompt, &|n| {
+        // A name is said aloud and shown everywhere: never made of a secret's characters.
+        let given = name.filter(|n| !n.trim().is_empty()).map(redact::redact);
+        let name = names::derive_name(given.as_deref(), &redact::redact(prompt), &|n| {
             taken.contains(n)
         });
         let id = format!("{:016x}", fastrand::u64(..));
@@ -1199,7 +1201,7 @@ impl TaskEngine {
         let cg = self.containment.cgroups()?;
         let dir = cg.task_dir(id);
         Some(CgroupScope {
-            path: cgroup_path(&dir),
+            path: cg.hierarchy_path(&dir),
             dir,
             kill_file: cg.kill_file(),
         })
@@ -1325,11 +1327,7 @@ impl TaskEngine {
         run.handle_spawned(now, pid);
         let key = self.next_key;
         self.next_key += 1;
-        let cgroup = cgroup_dir.map(|dir| CgroupScope {
-            path: cgroup_path(&dir),
-            kill_file: self.containment.cgroups().is_some_and(|c| c.kill_file()),
-            dir,
-        });
+        let cgroup = cgroup_dir.and_then(|_| self.cgroup_scope(&record.id));
         let watch = match (&cgroup, self.watch.as_mut()) {
             (Some(cg), Some(w)) => match w
                 .inotify
@@ -1446,15 +1444,6 @@ impl TaskEngine {
     }
 }
 
-/// The path of a cgroup directory inside its hierarchy (`/walkie-…/task-…`), as
-/// `/proc/<pid>/cgroup` shows it.
-fn cgroup_path(dir: &Path) -> String {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mount = super::contain::cgroup2_mount(&mountinfo).unwrap_or_default();
-    let rel = dir.strip_prefix(&mount).unwrap_or(dir);
-    format!("/{}", rel.display())
-}
-
 /// What `ctl logs` and the log file say about bytes the writer could not take.
 pub fn dropped_note(bytes: u64) -> String {
     format!(
@@ -1532,6 +1521,124 @@ fn truncate_chars(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
+    }
+}
+
+/// A real engine in a private directory for unit tests, with the engine's side of the
+/// poll loop. It never reaps: a `waitpid(-1)` in a test would steal the children of tests
+/// running beside it, so its agents stay zombies until the test process ends.
+#[cfg(test)]
+pub(crate) mod rig {
+    use super::*;
+    use crate::config::AgentConfig;
+
+    pub struct EngineRig {
+        pub _dir: tempfile::TempDir,
+        pub poll: mio::Poll,
+        pub engine: TaskEngine,
+        pub events: Vec<TaskEvent>,
+        pub t0: Instant,
+    }
+
+    const WAKER: Token = Token(1);
+
+    impl EngineRig {
+        /// Agents run `command` (no shell unless it names one).
+        pub fn new(command: &[&str], records: Vec<TaskRecord>) -> EngineRig {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            let paths = Paths::from_lookup(
+                |k| match k {
+                    "HOME" => Some(root.join("home")),
+                    "XDG_RUNTIME_DIR" => Some(root.join("runtime")),
+                    _ => None,
+                },
+                0,
+            );
+            let settings = EngineSettings {
+                agent: AgentConfig {
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    max_running: 2,
+                    cancel_grace_ms: 200,
+                    ..AgentConfig::default()
+                },
+                projects: BTreeMap::new(),
+                paths,
+                openai_key_var: "OPENAI_API_KEY".into(),
+            };
+            let poll = mio::Poll::new().unwrap();
+            let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER).unwrap());
+            let t0 = Instant::now();
+            let containment = Containment::Scan {
+                reason: "unit test".into(),
+            };
+            let engine =
+                TaskEngine::new(settings, records, t0, poll.registry(), waker, containment)
+                    .unwrap();
+            EngineRig {
+                _dir: dir,
+                poll,
+                engine,
+                events: Vec::new(),
+                t0,
+            }
+        }
+
+        /// Runs the engine's side of the loop until `cond` holds (or 10 s pass).
+        pub fn pump_until(&mut self, mut cond: impl FnMut(&mut EngineRig) -> bool) -> bool {
+            let end = Instant::now() + Duration::from_secs(10);
+            let mut events = mio::Events::with_capacity(64);
+            while Instant::now() < end {
+                if cond(self) {
+                    return true;
+                }
+                let _ = self.poll.poll(&mut events, Some(Duration::from_millis(20)));
+                let now = Instant::now();
+                for ev in events.iter() {
+                    if ev.token() == WAKER {
+                        self.engine.on_wake(now);
+                    } else if TaskEngine::owns(ev.token()) {
+                        self.engine.on_ready(ev.token(), now);
+                    }
+                }
+                self.engine.service_backlog(now);
+                self.engine.on_timeout(now);
+                while let Some(ev) = self.engine.poll_event() {
+                    self.events.push(ev);
+                }
+            }
+            cond(self)
+        }
+    }
+
+    impl Drop for EngineRig {
+        fn drop(&mut self) {
+            self.engine.kill_everything(Instant::now());
+        }
+    }
+
+    /// A finished task as an older state file may hold it.
+    pub fn finished_record(name: &str, cwd: &Path, summary: &str, result: &str) -> TaskRecord {
+        TaskRecord {
+            name: name.into(),
+            id: format!("{:016x}", fastrand::u64(..)),
+            state: TaskState::Succeeded,
+            project: None,
+            cwd: cwd.display().to_string(),
+            prompt: "earlier work".into(),
+            pid: None,
+            pid_start_time: None,
+            started_at: "2026-01-01T00:00:00Z".into(),
+            ended_at: Some("2026-01-01T00:01:00Z".into()),
+            exit_code: Some(0),
+            summary: Some(summary.into()),
+            session_id: Some("0b7c2c4e-1d6a-4f7e-9a55-3c2b1a0f9e8d".into()),
+            files_changed: vec!["src/lib.rs".into()],
+            result_text: Some(result.into()),
+            error: None,
+            cost_usd: None,
+            runs: 1,
+        }
     }
 }
 
