@@ -4,6 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use std::os::unix::process::CommandExt;
+
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -336,6 +338,9 @@ fn no_zombie_after_200_short_tasks() {
         .collect();
     assert_eq!(names.len(), w.tasks().len(), "names are unique");
     assert!(names.contains("quick-2"));
+    // Every task was reported finished only once its escaped grandchild was gone: not one
+    // process carrying a task marker of this walkie is left.
+    assert_eq!(marked_processes(&w), Vec::<i32>::new());
 }
 
 #[test]
@@ -625,12 +630,16 @@ fn an_agent_dies_with_walkie_through_its_parent_death_signal() {
 #[test]
 fn a_reused_pid_in_the_state_file_is_never_touched() {
     let mut w = Walkie::new();
-    // A stranger now holds the pid the state file names; its start time differs.
+    // A stranger now holds the pid the state file names; its start time differs. It leads
+    // its own process group, as the agent did: a killpg without the start-time check
+    // would hit it.
     let mut stranger = std::process::Command::new("sleep")
         .arg("30")
+        .process_group(0)
         .spawn()
         .unwrap();
     let pid = stranger.id();
+    assert_eq!(pgid_sid(pid as i32).0, pid as i32, "the stranger leads its group");
     let state = serde_json::json!({"version": 1, "tasks": [{
         "name": "old", "id": "00000000deadbeef", "state": "running", "project": null,
         "cwd": "/", "prompt": "x", "pid": pid, "pid_start_time": 1,
@@ -648,4 +657,136 @@ fn a_reused_pid_in_the_state_file_is_never_touched() {
     );
     let _ = stranger.kill();
     let _ = stranger.wait();
+}
+
+/// (pgid, sid) of a process.
+fn pgid_sid(pid: i32) -> (i32, i32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<i32> = s
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .skip(1)
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (f[1], f[2])
+}
+
+/// Live processes carrying a task marker of this walkie (any task: pruned ones included),
+/// told apart from other walkies' by their TMPDIR in this walkie's runtime directory.
+fn marked_processes(w: &Walkie) -> Vec<i32> {
+    let tmp = format!("TMPDIR={}", w.path("runtime").display());
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let marked = vars.iter().any(|v| v.starts_with(b"WALKIE_TASK="));
+        let ours = vars.iter().any(|v| v.starts_with(tmp.as_bytes()));
+        if marked && ours && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Subscribes to `ctl events`; the first line (the subscription) is read already.
+fn events(w: &Walkie) -> (std::process::Child, impl Iterator<Item = serde_json::Value>) {
+    use std::io::BufRead;
+    let mut child = w
+        .command(&["ctl", "events", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap());
+    let first = lines.next().unwrap();
+    assert_eq!(first["subscribed"], "events", "{first}");
+    (child, lines)
+}
+
+/// The config for a containment: `auto` (a cgroup per task here, as root) or `scan`.
+fn with_containment(w: &Walkie, mode: &str, extra: &str) -> String {
+    w.default_config(&format!("containment = \"{mode}\"\n{extra}"))
+}
+
+#[test]
+fn a_cooperative_agents_escaped_grandchild_is_gone_when_the_task_is_reported_finished() {
+    for mode in ["auto", "scan"] {
+        let mut w = Walkie::new();
+        w.write_config(&with_containment(&w, mode, ""));
+        w.start();
+        let (mut sub, mut lines) = events(&w);
+        // The agent starts a process in its own session, then exits 0 at once.
+        let name = w.start_task(&["--name", "tidy", "@grandchild @sleep=0.3"]);
+        let cwd = w.task_cwd(&name);
+        let started = lines.next().unwrap();
+        assert_eq!(started["event"]["kind"], "started", "{started}");
+        let finished = lines.next().unwrap();
+        // Right at the announcement: nothing of the task may be left.
+        let grandchild = read_pid(&cwd.join("grandchild.pid")).expect("grandchild started");
+        let left = marked_processes(&w);
+        assert_eq!(finished["event"]["kind"], "finished", "{finished}");
+        assert_eq!(finished["event"]["state"], "succeeded", "{finished}");
+        assert!(!alive(grandchild), "{mode}: grandchild {grandchild} outlived its task");
+        assert_eq!(left, Vec::<i32>::new(), "{mode}");
+        assert_eq!(
+            w.ctl_json(&["status"])["containment"]["kind"],
+            if mode == "scan" || !cgroups_usable() { "scan" } else { "cgroup" }
+        );
+        let _ = sub.kill();
+        let _ = sub.wait();
+    }
+}
+
+#[test]
+fn the_scan_fallback_stops_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
+    let mut w = Walkie::new();
+    w.write_config(&with_containment(&w, "scan", ""));
+    w.start();
+    let st = w.ctl_json(&["status"]);
+    assert_eq!(
+        st["containment"],
+        serde_json::json!({"kind": "scan", "reason": "agent.containment is \"scan\""})
+    );
+    let name = w.start_task(&[
+        "--name",
+        "stubborn",
+        "@grandchild @ignore-term @ignore-int @stall",
+    ]);
+    let cwd = w.task_cwd(&name);
+    assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
+    let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    w.ctl(&["cancel", "stubborn"]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert!(!alive(agent) && !alive(grandchild));
+    assert_eq!(marked_processes(&w), Vec::<i32>::new());
+    assert!(zombies_of(w.pid()).is_empty());
+}
+
+/// Whether this machine lets walkie create cgroups: a cgroup2 mount and write access to
+/// the cgroup this test runs in (root, or a delegated systemd unit).
+fn cgroups_usable() -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(mount) = mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4))?
+    }) else {
+        return false;
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(own) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let dir = std::path::Path::new(mount).join(own.trim().trim_start_matches('/'));
+    nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
