@@ -639,7 +639,11 @@ fn a_reused_pid_in_the_state_file_is_never_touched() {
         .spawn()
         .unwrap();
     let pid = stranger.id();
-    assert_eq!(pgid_sid(pid as i32).0, pid as i32, "the stranger leads its group");
+    assert_eq!(
+        pgid_sid(pid as i32).0,
+        pid as i32,
+        "the stranger leads its group"
+    );
     let state = serde_json::json!({"version": 1, "tasks": [{
         "name": "old", "id": "00000000deadbeef", "state": "running", "project": null,
         "cwd": "/", "prompt": "x", "pid": pid, "pid_start_time": 1,
@@ -735,11 +739,18 @@ fn a_cooperative_agents_escaped_grandchild_is_gone_when_the_task_is_reported_fin
         let left = marked_processes(&w);
         assert_eq!(finished["event"]["kind"], "finished", "{finished}");
         assert_eq!(finished["event"]["state"], "succeeded", "{finished}");
-        assert!(!alive(grandchild), "{mode}: grandchild {grandchild} outlived its task");
+        assert!(
+            !alive(grandchild),
+            "{mode}: grandchild {grandchild} outlived its task"
+        );
         assert_eq!(left, Vec::<i32>::new(), "{mode}");
         assert_eq!(
             w.ctl_json(&["status"])["containment"]["kind"],
-            if mode == "scan" || !cgroups_usable() { "scan" } else { "cgroup" }
+            if mode == "scan" || !cgroups_usable() {
+                "scan"
+            } else {
+                "cgroup"
+            }
         );
         let _ = sub.kill();
         let _ = sub.wait();
@@ -789,4 +800,283 @@ fn cgroups_usable() -> bool {
     };
     let dir = std::path::Path::new(mount).join(own.trim().trim_start_matches('/'));
     nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// Starts walkie under umask 000 (`sh` sets it, then becomes walkie).
+fn start_under_umask_000(w: &mut Walkie) {
+    let log = std::fs::File::create(w.log_file()).unwrap();
+    let child = std::process::Command::new("/bin/sh")
+        .args(["-c", "umask 000 && exec \"$0\" run", WALKIE])
+        .env_clear()
+        .envs(w.env())
+        .current_dir(w.dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    w.child = Some(child);
+    assert!(
+        wait_until(T, || std::os::unix::net::UnixStream::connect(w.socket())
+            .is_ok()),
+        "{}",
+        w.log()
+    );
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn under_umask_000_task_logs_and_directories_are_private() {
+    let mut w = Walkie::new();
+    start_under_umask_000(&mut w);
+    let name = w.start_task(&["--name", "private", "@stderr=hello @write=note.txt @stall"]);
+    let dir = w.path("state/walkie/tasks/private");
+    let files = ["log.txt", "stdout.jsonl", "stderr.log"];
+    assert!(
+        wait_until(T, || files.iter().all(|f| dir.join(f).is_file())),
+        "{:?}",
+        std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    let id = w.task(&name)["id"].as_str().unwrap().to_string();
+    let cwd = w.task_cwd(&name);
+    // The umask really is 000: what the agent itself creates is open to all.
+    assert!(wait_until(T, || cwd.join("note.txt").exists()));
+    assert_eq!(mode_of(&cwd.join("note.txt")), 0o666);
+    for f in files {
+        assert_eq!(mode_of(&dir.join(f)), 0o600, "{f}");
+    }
+    for d in [
+        dir.clone(),
+        w.path("state/walkie/tasks"),
+        cwd,
+        w.path("data/walkie/scratch"),
+        w.path(&format!("runtime/walkie/tmp/{id}")),
+        w.path("runtime/walkie/tmp"),
+    ] {
+        assert_eq!(mode_of(&d), 0o700, "{}", d.display());
+    }
+    assert_eq!(mode_of(&w.path("state/walkie/walkie.lock")), 0o600);
+    w.ctl(&["cancel", "private"]);
+    w.wait_finished(&name, T);
+    // The run's TMPDIR goes with it (on the writer thread).
+    assert!(wait_until(T, || !w
+        .path(&format!("runtime/walkie/tmp/{id}"))
+        .exists()));
+}
+
+/// One thread of another process held in a ptrace stop (the others run on): a disk that
+/// does not answer, for the thread that writes to it.
+struct Stalled(nix::unistd::Pid);
+
+impl Stalled {
+    fn thread(pid: i32, name: &str) -> Stalled {
+        let find = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()?
+                .flatten()
+                .find(|t| {
+                    std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+                })
+                .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        };
+        // The socket answers before the task engine (and its threads) is built.
+        let mut tid = None;
+        assert!(
+            wait_until(T, || {
+                tid = find();
+                tid.is_some()
+            }),
+            "no thread {name} in walkie {pid}"
+        );
+        let tid = tid.unwrap();
+        let tid = nix::unistd::Pid::from_raw(tid);
+        nix::sys::ptrace::seize(tid, nix::sys::ptrace::Options::empty())
+            .unwrap_or_else(|e| panic!("cannot ptrace walkie's {name} thread: {e}"));
+        nix::sys::ptrace::interrupt(tid).unwrap();
+        nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+        Stalled(tid)
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        let _ = nix::sys::ptrace::detach(self.0, None);
+    }
+}
+
+#[test]
+fn a_disk_that_cannot_keep_up_costs_dropped_log_bytes_never_the_loop() {
+    let mut w = Walkie::new();
+    w.start();
+    let before = rss_kib(w.pid());
+    // The writer thread is idle (waiting for work, its queue lock free) when it stops.
+    let stalled = Stalled::thread(w.pid(), "walkie-writer");
+    let name = w.start_task(&["--name", "flood", "@flood=12M @stall"]);
+    let mut reply = serde_json::Value::Null;
+    let dropped = |reply: &serde_json::Value| reply["dropped_bytes"].as_u64().unwrap_or(0);
+    // The loop keeps answering; the log bytes the disk cannot take are counted, and said.
+    assert!(
+        wait_until(T, || {
+            reply = w.raw_request(b"{\"cmd\":\"logs\",\"name\":\"flood\"}\n");
+            dropped(&reply) > 8 * 1024 * 1024
+        }),
+        "{}",
+        reply["dropped_bytes"]
+    );
+    assert_eq!(reply["state"], "running");
+    let text = reply["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "[walkie: {} bytes of agent output were not written",
+            dropped(&reply)
+        )),
+        "{}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    let (code, out, _) = w.ctl(&["logs", "flood"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("the disk did not keep up"),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+    assert_eq!(w.ctl_json(&["status"])["tasks"]["running"], 1);
+    // Queued bytes are bounded: memory did not take what the disk could not.
+    assert!(
+        rss_kib(w.pid()) < before + 24 * 1024,
+        "RSS grew from {before} KiB to {} KiB",
+        rss_kib(w.pid())
+    );
+    drop(stalled);
+    w.ctl(&["cancel", "flood"]);
+    w.wait_finished(&name, T);
+    // After the run, its log file says it too (read back through the writer).
+    let (_, out, _) = w.ctl(&["logs", "flood"]);
+    assert!(
+        out.contains("bytes of agent output were not written to the log files"),
+        "{}",
+        &out[out.len().saturating_sub(400)..]
+    );
+    let on_disk: u64 = ["stdout.jsonl", "stdout.jsonl.1"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(w.path("state/walkie/tasks/flood").join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(on_disk < 12 * 1024 * 1024, "{on_disk} bytes of stdout kept");
+}
+
+#[test]
+fn tasks_run_in_a_cgroup_of_their_own_where_walkie_can_create_cgroups() {
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("memory_max = \"256M\""));
+    w.start();
+    let c = w.ctl_json(&["status"])["containment"].clone();
+    if !cgroups_usable() {
+        eprintln!(
+            "walkie cannot create cgroups here ({}): cgroup containment is not tested, the scan is",
+            c["reason"]
+        );
+        assert_eq!(c["kind"], "scan", "{c}");
+        return;
+    }
+    assert_eq!(c["kind"], "cgroup", "{c}");
+    let base = std::path::PathBuf::from(c["path"].as_str().unwrap());
+    assert!(base.is_dir(), "{c}");
+    let name = w.start_task(&["--name", "boxed", "@grandchild @stall"]);
+    let cwd = w.task_cwd(&name);
+    assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
+    let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
+    let t = w.task(&name);
+    let agent = t["pid"].as_i64().unwrap() as i32;
+    let dir = base.join(format!("task-{}", t["id"].as_str().unwrap()));
+    let procs: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // The agent and the process that escaped into its own session are both members;
+    // walkie is not.
+    assert!(
+        procs.contains(&agent) && procs.contains(&grandchild),
+        "{procs:?}"
+    );
+    assert!(!procs.contains(&w.pid()));
+    let events = std::fs::read_to_string(dir.join("cgroup.events")).unwrap();
+    assert!(events.contains("populated 1"), "{events}");
+    let memory = std::fs::read_to_string(base.join("cgroup.controllers"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == "memory");
+    if memory {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.max"))
+                .unwrap()
+                .trim(),
+            (256u64 << 20).to_string()
+        );
+    } else {
+        eprintln!(
+            "the memory controller is not available in {}: memory.max is not tested here",
+            base.display()
+        );
+        assert!(
+            c["reason"]
+                .as_str()
+                .unwrap()
+                .contains("agent.memory_max cannot apply"),
+            "{c}"
+        );
+        assert!(w.log().contains("agent.memory_max is not applied"));
+    }
+    w.ctl(&["cancel", "boxed"]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "cancelled");
+    assert!(!alive(agent) && !alive(grandchild));
+    // The emptied cgroup goes (on the membership thread).
+    assert!(wait_until(T, || !dir.exists()), "{} left", dir.display());
+    w.signal(Signal::SIGTERM);
+    assert_eq!(w.wait_exit(T), Some(0));
+    // walkie shared its cgroup (as under a test runner): the subtree it made goes too.
+    if base
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("walkie-")
+    {
+        assert!(!base.exists(), "{} left", base.display());
+    }
+}
+
+#[test]
+fn an_agent_killed_for_memory_fails_with_out_of_memory() {
+    let mut w = Walkie::new();
+    let config = w.default_config("memory_max = \"64M\"").replace(
+        &format!("command = [\"{FAKE_AGENT}\", \"-p\", \"{{prompt}}\", \"--output-format\", \"stream-json\", \"--verbose\"]"),
+        "command = [\"python3\", \"-c\", \"import time; x = bytearray(512 << 20); time.sleep(5)\", \"{prompt}\"]",
+    );
+    w.write_config(&config);
+    w.start();
+    let c = w.ctl_json(&["status"])["containment"].clone();
+    let reason = c["reason"].as_str().unwrap_or("");
+    if c["kind"] != "cgroup" || reason.contains("agent.memory_max cannot apply") {
+        eprintln!(
+            "memory.max is not available here ({reason}): the out-of-memory outcome is covered by the lifecycle's unit test only"
+        );
+        return;
+    }
+    let name = w.start_task(&["--name", "hungry", "allocate"]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "failed", "{t}");
+    assert!(
+        t["summary"].as_str().unwrap().contains("out of memory"),
+        "{t}"
+    );
 }
