@@ -1190,6 +1190,139 @@ mod tests {
     }
 
     #[test]
+    fn steer_fixture_one_turn_with_the_message_folded_in() {
+        let mut run = Replay::new("steer", "Please loop with bash until I tell you to stop.");
+        run.take_stdin();
+        run.until("\"subtype\":\"init\"");
+        run.replay_prompt();
+        run.until("\"type\":\"assistant\"");
+        let steer = run
+            .session
+            .send_message(
+                "WALKIE_STOP: stop looping now and summarise.",
+                false,
+                run.now,
+            )
+            .unwrap();
+        assert_eq!(
+            run.take_stdin()[0]["message"],
+            fixture_stdin("steer")[1]["message"]
+        );
+        run.until("task_started");
+        assert_eq!(
+            run.what(),
+            "running `timeout 3 tail -f /dev/null; echo turn 0`"
+        );
+        // The capture has no replay of the steer (made without the flag): put it where the
+        // progress run shows it, after the step's result.
+        run.until("\"tool_result\"");
+        run.feed_line(&format!(
+            r#"{{"type":"user","message":{{"role":"user","content":"x"}},"uuid":"{steer}","isReplay":true}}"#
+        ));
+        run.rest();
+        let events = run.events();
+        assert_eq!(events[0], SessionEvent::MessageTakenIn { uuid: steer });
+        assert_eq!(turn_ended(&events), [("success".to_owned(), true)]);
+        assert_eq!(run.session.turns(), 1);
+        assert!(
+            run.session
+                .activity()
+                .last_sentence
+                .unwrap()
+                .ends_with("within.")
+        );
+    }
+
+    #[test]
+    fn steer_now_fixture_the_clis_own_priority_ends_the_turn_early() {
+        // walkie's "now" interrupts instead (a_message_sent_now_…), but a message sent with
+        // the CLI's own priority must still be followed: two turns, the first empty.
+        let mut run = Replay::new(
+            "steer-now",
+            "Please loop with bash until I tell you to stop.",
+        );
+        run.take_stdin();
+        run.until("\"subtype\":\"init\"");
+        run.replay_prompt();
+        run.until("\"type\":\"assistant\"");
+        let steer = run
+            .session
+            .send_message(
+                "WALKIE_STOP: stop looping now and summarise.",
+                false,
+                run.now,
+            )
+            .unwrap();
+        run.take_stdin();
+        run.until("\"type\":\"result\"");
+        assert_eq!(turn_ended(&run.events()), [("success".to_owned(), false)]);
+        assert!(run.session.is_running(), "the message is the next turn");
+        run.until("\"subtype\":\"init\"");
+        run.feed_line(&format!(
+            r#"{{"type":"user","message":{{"role":"user","content":"x"}},"uuid":"{steer}","isReplay":true}}"#
+        ));
+        run.rest();
+        let events = run.events();
+        assert_eq!(events[0], SessionEvent::MessageTakenIn { uuid: steer });
+        assert_eq!(turn_ended(&events), [("success".to_owned(), true)]);
+        assert_eq!(run.session.turns(), 2);
+    }
+
+    #[test]
+    fn interrupt_stream_fixture_mid_text_then_idle() {
+        let mut run = Replay::new("interrupt-stream", "tell me a long story");
+        run.take_stdin();
+        run.until("chunk 3.");
+        assert_eq!(run.what(), "thinking");
+        run.session.interrupt(run.now).unwrap();
+        let ours = run.take_stdin()[0]["request_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        run.rename("\"int-1\"", &format!("\"{ours}\""));
+        run.until("\"type\":\"result\"");
+        let events = run.events();
+        assert_eq!(events[0], SessionEvent::InterruptAnswered { error: None });
+        assert_eq!(
+            turn_ended(&events),
+            [("error_during_execution".to_owned(), true)]
+        );
+        // The partial text the interrupt cut short is still the last thing said.
+        assert_eq!(
+            run.session.activity().last_sentence.as_deref(),
+            Some("chunk 3.")
+        );
+        // Between turns walkie does not send an interrupt (the capture's second one); an
+        // answer to a request of someone else's changes nothing.
+        assert_eq!(
+            run.session.interrupt(run.now),
+            Err(InterruptError::NotRunning)
+        );
+        run.rest();
+        assert!(run.events().is_empty());
+        assert!(run.session.stdin_pending().is_empty());
+    }
+
+    #[test]
+    fn perm_deny_interrupt_fixture_ends_the_turn() {
+        let mut run = Replay::new("perm-deny-interrupt", "write bash.txt with bash");
+        run.take_stdin();
+        run.until("\"control_request\"");
+        run.events();
+        let id = run.session.pending_permissions()[0].request_id.clone();
+        run.session
+            .answer(&id, Decision::Deny { reason: None }, run.now)
+            .unwrap();
+        run.take_stdin();
+        run.rest();
+        assert_eq!(
+            turn_ended(&run.events()),
+            [("error_during_execution".to_owned(), true)]
+        );
+        assert_eq!(run.what(), "waiting for a follow-up");
+    }
+
+    #[test]
     fn a_message_queued_while_text_streams_is_the_next_turn() {
         // steer-queued-text ran without --replay-user-messages; walkie always passes it, so
         // the replay line it adds at the start of the second turn is put in.
