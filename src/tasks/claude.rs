@@ -20,7 +20,7 @@
 //! follow-up), the environment gets [`SESSION_STATE_ENV`] on top of `env_pass`/`env_set`,
 //! and stdin is a pipe (today it is `/dev/null`). The prompt is never in argv:
 //! [`ClaudeSession::new`] queues it as the first user line, with `agent.approval_timeout_s`.
-//! `oneshot` keeps today's path untouched ([`StreamParser`] over stdout, `{prompt}` in argv,
+//! `oneshot` keeps today's path untouched (`StreamParser` over stdout, `{prompt}` in argv,
 //! stdin `/dev/null`). The configuration already validates the `claude` command (no flag
 //! walkie adds itself) but today's engine still expands `command` as a one-shot template
 //! whatever the protocol: the change that wires this core in must also flip the default
@@ -79,6 +79,15 @@
 //! [`ClaudeSession::message_status`] of the last one ("sent", "taken in", "not delivered").
 //! `interrupt_task` / `walkie ctl interrupt` → [`ClaudeSession::interrupt`]; the process and
 //! session stay. `cancel` keeps its meaning (everything stops, processes gone).
+//!
+//! **Details worth knowing.** `always` echoes every rule the CLI suggested in
+//! `updatedPermissions`, as its own "don't ask again" does; a suggestion's `destination` may be
+//! `localSettings` (the project's `.claude/settings.local.json`), so "always" outlives the
+//! session — say so in the tool description. `cancel` of a waiting task must also drop its
+//! requests from the conversation's queue (the process is gone: no withdrawal comes).
+//! Receipts need `--replay-user-messages` ([`agent_args`] passes it); without replays every
+//! `result` leaves the session idle. The first [`StreamEvent::Session`] still gives the
+//! session id for `--resume`. Seed [`ClaudeSession::new`] with `fastrand::u64(..)`.
 //!
 //! **What the conversation core needs** (as actions and inputs, no engine reference):
 //! a `PermissionAsked {task, request_id, verb, object, since}` input and its withdrawal, the
