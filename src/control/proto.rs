@@ -123,4 +123,49 @@ mod tests {
             assert!(err.contains(needle), "{err:?} should mention {needle:?}");
         }
     }
+    /// A stand-in for a `cargo fuzz` target (libFuzzer needs a nightly toolchain, and only
+    /// stable is installed here): random bytes and mutations of valid requests never make
+    /// the parser panic, and every answer is a request or a message.
+    #[test]
+    fn random_and_mutated_requests_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_cafe);
+        let valid: Vec<&[u8]> = vec![
+            br#"{"cmd":"status"}"#,
+            br#"{"cmd":"start","prompt":"fix it","name":"fix","project":"app"}"#,
+            br#"{"cmd":"logs","name":"x","follow":true}"#,
+            br#"{"cmd":"continue","name":"x","prompt":"and then"}"#,
+            br#"{"cmd":"say","text":"hi \u001b[2J"}"#,
+        ];
+        let alphabet = b"{}[]\":,\\ \x00\x1b\xff\xc3\xa9cmdstartnamepromptfollowtrue0123456789-e.";
+        for round in 0..20_000 {
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                (0..rng.usize(0..64))
+                    .map(|_| alphabet[rng.usize(..alphabet.len())])
+                    .collect()
+            } else {
+                valid[rng.usize(..valid.len())].to_vec()
+            };
+            for _ in 0..rng.usize(0..4) {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = rng.usize(..bytes.len());
+                match rng.u8(0..3) {
+                    0 => bytes[at] = rng.u8(..),
+                    1 => {
+                        bytes.remove(at);
+                    }
+                    _ => bytes.insert(at, alphabet[rng.usize(..alphabet.len())]),
+                }
+            }
+            match parse_request(&bytes) {
+                Ok(request) => {
+                    // What parses serialises back to a request that parses the same.
+                    let again = serde_json::to_vec(&request).unwrap();
+                    assert_eq!(parse_request(&again), Ok(request));
+                }
+                Err(message) => assert!(!message.is_empty()),
+            }
+        }
+    }
 }
