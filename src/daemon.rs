@@ -282,8 +282,12 @@ impl Daemon {
                 self.next_deadline(now)
             };
             self.ready.clear();
+            #[cfg(feature = "probe")]
+            crate::probe::loop_waits();
             self.ready
                 .extend(self.reactor.poll(deadline, now)?.iter().cloned());
+            #[cfg(feature = "probe")]
+            crate::probe::loop_woke();
             let now = Instant::now();
             let ready = std::mem::take(&mut self.ready);
             for event in &ready {

@@ -23,6 +23,8 @@ pub mod help;
 pub mod instance;
 pub mod logging;
 pub mod paths;
+#[cfg(feature = "probe")]
+pub mod probe;
 pub mod reactor;
 pub mod realtime;
 pub mod sd_notify;

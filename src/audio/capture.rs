@@ -157,6 +157,8 @@ impl CaptureWorker {
         );
         // A device that ever has less than a period ready runs on its own clock.
         let mut clocked = false;
+        let wait_ms = u32::try_from(2 * frames_ns(period) / 1_000_000 + 1).unwrap_or(u32::MAX);
+        let mut woke_early = false;
         loop {
             if shared.stopping() {
                 return Exit::Stop;
@@ -178,12 +180,32 @@ impl CaptureWorker {
                     Err(errno) => return Exit::Gone(errno),
                 },
             };
+            if clocked && linger == 0 && avail < period && !woke_early {
+                // Someone listens: a clocked device wakes the thread the moment the period
+                // is complete (its interrupt, or its plugin's wake-up), instead of a sleep
+                // guessing when. The timeout bounds how late a stop is seen. A wake-up
+                // without a period (the pulse plugin's, while its stream starts) falls back
+                // to the sleep below once, so the thread never spins.
+                woke_early = true;
+                if let Err(errno) = dev.wait(wait_ms) {
+                    match self
+                        .ctx
+                        .recover_or_wait(dev, errno, &mut pacer, now, period)
+                    {
+                        Ok(()) => {}
+                        Err(errno) => return Exit::Gone(errno),
+                    }
+                }
+                continue;
+            }
             if self
                 .ctx
                 .wait_for_period(avail, period, &mut clocked, &mut pacer, now, linger)
             {
+                woke_early = false;
                 continue;
             }
+            woke_early = false;
             buf.fill(0);
             let n = match dev.read(buf) {
                 Ok(n) => n.min(period),
@@ -218,6 +240,8 @@ impl CaptureWorker {
                 u64::try_from(pacer.position_ns().max(0)).unwrap_or(now)
             };
             shared.capture_stamp.store(self.total, captured_ns);
+            #[cfg(feature = "probe")]
+            crate::probe::CAP.record(self.total, 0);
             if streaming {
                 let _ = self.ctx.waker.wake();
             }

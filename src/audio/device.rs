@@ -41,6 +41,9 @@ pub trait CaptureDevice: Device {
     /// Reads up to `buf.len()` frames into `buf` (which the caller zeroed: some plugins
     /// return success without writing anything). Returns the frames read.
     fn read(&mut self, buf: &mut [i16]) -> Result<usize, Errno>;
+    /// Blocks until a period is available or `timeout_ms` passed (a device with a clock:
+    /// its interrupt or its plugin's wake-up, not a guess by sleeping).
+    fn wait(&mut self, timeout_ms: u32) -> Result<(), Errno>;
 }
 
 pub trait PlaybackDevice: Device {
@@ -50,6 +53,18 @@ pub trait PlaybackDevice: Device {
     fn delay(&mut self) -> usize;
     /// Drops everything queued in the device at once and gets ready for new data.
     fn drop_queued(&mut self) -> Result<(), Errno>;
+    /// Nothing will play for a while (what is queued is silence): stops the device so it
+    /// asks for nothing. A clocked device that can pause is paused — the PulseAudio plugin
+    /// recreates its stream on every prepare, and a fresh stream left waiting can stall
+    /// for a second before it plays — any other is stopped (`snd_pcm_drop`).
+    fn stop_idle(&mut self, clocked: bool) -> Result<(), Errno> {
+        let _ = clocked;
+        self.drop_queued()
+    }
+    /// Undoes [`PlaybackDevice::stop_idle`]: there is something to play.
+    fn resume_idle(&mut self) -> Result<(), Errno> {
+        Ok(())
+    }
 }
 
 /// What the period loop does after an error.
@@ -204,14 +219,19 @@ pub struct AlsaDevice<'a> {
     pcm: &'a PCM,
     io: IO<'a, i16>,
     capture: bool,
+    can_pause: bool,
+    paused: bool,
 }
 
 impl<'a> AlsaDevice<'a> {
     pub fn new(pcm: &'a PCM, capture: bool) -> Result<AlsaDevice<'a>, alsa::Error> {
+        let can_pause = pcm.hw_params_current()?.can_pause();
         Ok(AlsaDevice {
             pcm,
             io: pcm.io_i16()?,
             capture,
+            can_pause,
+            paused: false,
         })
     }
 }
@@ -241,6 +261,33 @@ impl CaptureDevice for AlsaDevice<'_> {
     fn read(&mut self, buf: &mut [i16]) -> Result<usize, Errno> {
         self.io.readi(buf).map_err(|e| e.errno())
     }
+
+    fn wait(&mut self, timeout_ms: u32) -> Result<(), Errno> {
+        // One poll on the PCM's descriptors, not `snd_pcm_wait`: that one polls again
+        // whenever the plugin says "nothing yet", and the PulseAudio plugin leaves its
+        // descriptor readable while its stream starts, so it would spin until data comes.
+        // A wake-up without a period is the caller's to handle (it sleeps instead).
+        use alsa::poll::Descriptors;
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; 4];
+        if self.pcm.count() > fds.len() {
+            return Ok(());
+        }
+        let n = self.pcm.fill(&mut fds).map_err(|e| e.errno())?;
+        match alsa::poll::poll(&mut fds[..n], i32::try_from(timeout_ms).unwrap_or(i32::MAX)) {
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EINTR => return Ok(()),
+            Err(e) => return Err(e.errno()),
+        }
+        // Lets the plugin account for the wake-up (and report an xrun as an error).
+        self.pcm
+            .revents(&fds[..n])
+            .map(|_| ())
+            .map_err(|e| e.errno())
+    }
 }
 
 impl PlaybackDevice for AlsaDevice<'_> {
@@ -253,8 +300,26 @@ impl PlaybackDevice for AlsaDevice<'_> {
     }
 
     fn drop_queued(&mut self) -> Result<(), Errno> {
+        self.paused = false;
         self.pcm.drop().map_err(|e| e.errno())?;
         self.pcm.prepare().map_err(|e| e.errno())
+    }
+
+    fn stop_idle(&mut self, clocked: bool) -> Result<(), Errno> {
+        if clocked && self.can_pause && self.pcm.state() == alsa::pcm::State::Running {
+            self.pcm.pause(true).map_err(|e| e.errno())?;
+            self.paused = true;
+            return Ok(());
+        }
+        self.drop_queued()
+    }
+
+    fn resume_idle(&mut self) -> Result<(), Errno> {
+        if self.paused {
+            self.paused = false;
+            self.pcm.pause(false).map_err(|e| e.errno())?;
+        }
+        Ok(())
     }
 }
 
@@ -288,6 +353,10 @@ impl Device for WavSource {
 }
 
 impl CaptureDevice for WavSource {
+    fn wait(&mut self, _timeout_ms: u32) -> Result<(), Errno> {
+        Ok(())
+    }
+
     fn read(&mut self, buf: &mut [i16]) -> Result<usize, Errno> {
         let rest = &self.samples[self.pos.min(self.samples.len())..];
         let n = rest.len().min(buf.len());

@@ -595,6 +595,8 @@ impl Audio {
                     let (pushed, rest) = e.play_ring.push_partial_slice(pcm);
                     e.pushed += pushed.len() as u64;
                     e.overflow.extend(rest);
+                    #[cfg(feature = "probe")]
+                    crate::probe::RING.record(e.pushed, 0);
                 } else {
                     e.overflow.extend(pcm);
                 }
@@ -806,6 +808,8 @@ impl Engine {
             self.overflow.drain(..n);
         }
         if self.pushed != before {
+            #[cfg(feature = "probe")]
+            crate::probe::RING.record(self.pushed, 0);
             self.wake_playback();
         }
     }

@@ -182,6 +182,9 @@ impl PlaybackWorker {
         // that much silence followed it, the last sound has been heard.
         let played_out = 2 * lead.max(0) as usize;
         let mut silent_tail = 0;
+        // Speech samples in the period being written, for the probe's `dev` record.
+        #[cfg(feature = "probe")]
+        let mut probe_speech = 0u64;
         loop {
             if shared.stopping() {
                 return Exit::Stop;
@@ -202,6 +205,8 @@ impl PlaybackWorker {
                 {
                     return Exit::Gone(errno);
                 }
+                #[cfg(feature = "probe")]
+                crate::probe::FLUSH.record(epoch, 0);
                 pacer.restart(now);
             }
             self.discard();
@@ -212,7 +217,7 @@ impl PlaybackWorker {
                 }
             }
             if pending.is_empty() && silent_tail >= played_out && self.nothing_to_play() {
-                if let Some(exit) = self.park(dev, until) {
+                if let Some(exit) = self.park(dev, until, clocked) {
                     return exit;
                 }
                 pacer.restart(shared.now_ns());
@@ -249,6 +254,8 @@ impl PlaybackWorker {
                     self.ctx.sleep_until(now + frames_ns(latency - period));
                     continue;
                 }
+                #[cfg(feature = "probe")]
+                let probe_consumed = self.consumed;
                 if self.fill(buf) {
                     silent_tail = 0;
                 } else {
@@ -266,9 +273,18 @@ impl PlaybackWorker {
                 }
                 pacer.advance(period as u64);
                 pending = 0..period;
+                #[cfg(feature = "probe")]
+                {
+                    probe_speech = self.consumed - probe_consumed;
+                }
             }
             match dev.write(&buf[pending.clone()]) {
                 Ok(n) => {
+                    #[cfg(feature = "probe")]
+                    if n > 0 && probe_speech > 0 {
+                        crate::probe::DEV.record(self.consumed, probe_speech);
+                        probe_speech = 0;
+                    }
                     pending.start += n.min(pending.len());
                     if n == 0 {
                         self.ctx.sleep_until(now + 1_000_000);
@@ -317,9 +333,14 @@ impl PlaybackWorker {
     /// The device has played out everything audible: stops it, marks the speaker quiet and
     /// parks until there is something to play, a flush, or the stop (or `until`, for the
     /// stand-in). `Some` is how the period loop ends; `None` means play on.
-    fn park<D: PlaybackDevice>(&mut self, dev: &mut D, until: Option<u64>) -> Option<Exit> {
+    fn park<D: PlaybackDevice>(
+        &mut self,
+        dev: &mut D,
+        until: Option<u64>,
+        clocked: bool,
+    ) -> Option<Exit> {
         let shared = Arc::clone(&self.ctx.shared);
-        if let Err(errno) = dev.drop_queued()
+        if let Err(errno) = dev.stop_idle(clocked)
             && let Recovery::Gone(errno) = recover(dev, errno, &shared.playback)
         {
             return Some(Exit::Gone(errno));
@@ -356,6 +377,11 @@ impl PlaybackWorker {
             .store(SPEAKER_BUSY, Ordering::Release);
         if let Some(capture) = &self.capture_thread {
             capture.unpark();
+        }
+        if let Err(errno) = dev.resume_idle()
+            && let Recovery::Gone(errno) = recover(dev, errno, &shared.playback)
+        {
+            return Some(Exit::Gone(errno));
         }
         None
     }
