@@ -8,7 +8,7 @@ PREFIX ?= $(HOME)/.local
 AARCH64 := aarch64-unknown-linux-gnu
 
 .PHONY: all deps deps-test build release test lint fmt demo sdk-venv clean install uninstall \
-	aarch64 deb deb-arm64 dist
+	aarch64 deb deb-arm64 dist bench bench-deps bench-bins
 
 all: build
 
@@ -34,8 +34,30 @@ $(VENV)/.ok: tools/sdk-check/requirements.txt
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tools/sdk-check/requirements.txt
 	touch $@
 
-test: deps-test sdk-venv
+test: deps-test sdk-venv bench-deps
 	WALKIE_SDK_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --locked --workspace --all-targets
+	$(MAKE) --no-print-directory bench-bins PROFILE=debug
+	./target/debug/rt-bench --quick
+
+# rt-bench (docs/BENCHMARKS.md): walkie and the Python peer side by side, ~10 minutes.
+# Results: rt-bench/results/latest.json and SVG plots. BENCH_ARGS="--soak 600" for the
+# full hour-equivalent soak.
+bench: deps bench-deps
+	$(MAKE) --no-print-directory bench-bins PROFILE=release
+	./target/release/rt-bench $(BENCH_ARGS)
+
+# What rt-bench runs: walkie with the `probe` feature (kept as walkie-probe), then the
+# normal build, the fakes and rt-bench itself (cargo keeps both walkie builds cached).
+PROFILE ?= release
+PROFILE_FLAG = $(if $(filter release,$(PROFILE)),--release,)
+bench-bins:
+	$(CARGO) build --locked $(PROFILE_FLAG) -p walkie --features probe --bin walkie
+	cp target/$(PROFILE)/walkie target/$(PROFILE)/walkie-probe
+	$(CARGO) build --locked $(PROFILE_FLAG) -p walkie -p walkie-fakes -p rt-bench --bins
+
+# rt-bench's own setup: PulseAudio and the ALSA pulse plugin, the Python peer's venv.
+bench-deps:
+	@./rt-bench/setup.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -76,4 +98,4 @@ demo: deps
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-bench
