@@ -74,6 +74,7 @@ pub struct Report {
 struct Queue {
     jobs: VecDeque<Job>,
     stop: bool,
+    exited: bool,
 }
 
 struct Shared {
@@ -130,17 +131,36 @@ impl MembershipSource {
         }
         q.jobs.push_back(job);
         drop(q);
-        self.shared.ready.notify_one();
+        self.shared.ready.notify_all();
     }
 }
 
 impl Drop for MembershipSource {
     fn drop(&mut self) {
-        lock(&self.shared.queue).stop = true;
-        self.shared.ready.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // A read of /proc/<pid>/environ can wait on a process stuck in the kernel: give it
+        // a moment, never the exit.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut q = lock(&self.shared.queue);
+        q.stop = true;
+        q.jobs.clear();
+        self.shared.ready.notify_all();
+        while !q.exited {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return; // left behind; the process exit ends it
+            }
+            q = self
+                .shared
+                .ready
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        drop(q);
+        let _ = thread.join();
     }
 }
 
@@ -158,6 +178,8 @@ fn members_worker(shared: &Shared, waker: &mio::Waker) {
                     break job;
                 }
                 if q.stop {
+                    q.exited = true;
+                    shared.ready.notify_all();
                     return;
                 }
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());

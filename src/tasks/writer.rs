@@ -13,11 +13,15 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::output::{CappedFile, FILE_CAP};
 
 /// Log bytes waiting for the disk before more are dropped.
 pub const MAX_QUEUED: usize = 4 * 1024 * 1024;
+/// At shutdown, how long walkie waits for the queue to reach the disk. A disk that hangs
+/// (a write in uninterruptible sleep) must not hang the exit: the logs lose their tail.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Op {
@@ -55,6 +59,8 @@ struct Queue {
     /// Log bytes in `ops`.
     bytes: usize,
     stop: bool,
+    /// The worker wrote everything and returned.
+    exited: bool,
 }
 
 struct Shared {
@@ -101,7 +107,7 @@ impl DiskWriter {
             data: bytes.to_vec(),
         });
         drop(q);
-        self.shared.ready.notify_one();
+        self.shared.ready.notify_all();
         true
     }
 
@@ -143,15 +149,36 @@ impl DiskWriter {
 
     fn push(&self, op: Op) {
         lock(&self.shared.queue).ops.push_back(op);
-        self.shared.ready.notify_one();
+        self.shared.ready.notify_all();
     }
 
     fn stop(&mut self) {
-        lock(&self.shared.queue).stop = true;
-        self.shared.ready.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let end = Instant::now() + FINISH_WAIT;
+        let mut q = lock(&self.shared.queue);
+        q.stop = true;
+        self.shared.ready.notify_all();
+        while !q.exited {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::error!(
+                    "the disk did not take the task logs in {} s; {} queued operation(s) are lost",
+                    FINISH_WAIT.as_secs(),
+                    q.ops.len()
+                );
+                return; // the thread is left behind; the process exit ends it
+            }
+            q = self
+                .shared
+                .ready
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        drop(q);
+        let _ = thread.join();
     }
 }
 
@@ -178,6 +205,9 @@ fn writer_worker(shared: &Shared, waker: &mio::Waker) {
                     break op;
                 }
                 if q.stop {
+                    q.exited = true;
+                    // The same condvar tells `stop` (it waits only after setting `stop`).
+                    shared.ready.notify_all();
                     return;
                 }
                 q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
@@ -280,6 +310,20 @@ mod tests {
         assert_eq!(
             size(&log) + size(&rotated),
             kept * chunk.len() + "[note]\n".len()
+        );
+    }
+
+    #[test]
+    fn a_disk_that_hangs_does_not_hang_the_exit() {
+        let (_poll, mut w) = writer();
+        let (_release, stalled) = std::sync::mpsc::channel::<()>();
+        w.push(Op::Stall(stalled));
+        let t0 = Instant::now();
+        w.finish();
+        let waited = t0.elapsed();
+        assert!(
+            waited >= FINISH_WAIT && waited < FINISH_WAIT * 2,
+            "{waited:?}"
         );
     }
 }
