@@ -174,80 +174,35 @@ fn status(engine: &TaskEngine, conv: &Conversation, button: &Button, vitals: Vit
 mod tests {
     use super::*;
     use crate::button::ButtonEvent;
-    use crate::config::{AgentConfig, ButtonConfig};
+    use crate::config::ButtonConfig;
     use crate::conversation::ConversationSettings;
-    use crate::paths::Paths;
-    use crate::tasks::EngineSettings;
-    use crate::tasks::contain::Containment;
+    use crate::tasks::engine::rig::EngineRig;
 
     /// The daemon's parts, real ones, in a private directory; agents are `sleep`.
     struct Rig {
-        _dir: tempfile::TempDir,
-        _poll: mio::Poll,
-        engine: TaskEngine,
+        tasks: EngineRig,
         conv: Conversation,
         button: Button,
-        t0: Instant,
     }
 
     impl Rig {
         fn new() -> Rig {
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().to_path_buf();
-            let paths = Paths::from_lookup(
-                |k| match k {
-                    "HOME" => Some(root.join("home")),
-                    "XDG_RUNTIME_DIR" => Some(root.join("runtime")),
-                    _ => None,
-                },
-                0,
-            );
-            let agent = AgentConfig {
-                command: ["sleep", "30"].map(String::from).to_vec(),
-                max_running: 2,
-                ..AgentConfig::default()
-            };
-            let settings = EngineSettings {
-                agent,
-                projects: Default::default(),
-                paths,
-                openai_key_var: "OPENAI_API_KEY".into(),
-            };
-            let t0 = Instant::now();
             let button = Button::new(&ButtonConfig {
                 device: "none".into(),
                 ..ButtonConfig::default()
             })
             .unwrap();
-            let poll = mio::Poll::new().unwrap();
-            let waker =
-                std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(1)).unwrap());
-            let containment = Containment::Scan {
-                reason: "unit test".into(),
-            };
-            let engine = TaskEngine::new(
-                settings,
-                Vec::new(),
-                t0,
-                poll.registry(),
-                waker,
-                containment,
-            )
-            .unwrap();
             Rig {
-                _dir: dir,
-                _poll: poll,
-                engine,
+                tasks: EngineRig::new(&["sleep", "30"], Vec::new()),
                 conv: Conversation::new(ConversationSettings::default()),
                 button,
-                t0,
             }
         }
 
         fn ask(&mut self, req: Request) -> Handled {
             let parts = Parts {
-                now: self.t0,
-                engine: &mut self.engine,
+                now: self.tasks.t0,
+                engine: &mut self.tasks.engine,
                 conv: &mut self.conv,
                 button: &mut self.button,
             };
@@ -274,14 +229,6 @@ mod tests {
                 name: Some(name.into()),
                 project: None,
             })
-        }
-    }
-
-    impl Drop for Rig {
-        fn drop(&mut self) {
-            // The `sleep`s of the tests: nothing here reaps them (a waitpid(-1) would steal
-            // other tests' children), so at least stop them.
-            self.engine.kill_everything(self.t0);
         }
     }
 
