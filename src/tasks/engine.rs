@@ -54,6 +54,8 @@ const READ_BUDGET: usize = 64 * 1024;
 const KEEP_FINISHED: usize = 100;
 /// Longest stderr line kept for the rendered log.
 const STDERR_LINE: usize = 4096;
+/// At most this much is read from a pipe being closed (a pipe buffer holds 64 KiB).
+const CLOSE_DRAIN_MAX: u64 = 256 * 1024;
 /// The longest the sweep of an exited agent's leftovers waits before SIGKILL.
 const SWEEP_GRACE_MAX: Duration = Duration::from_secs(2);
 
@@ -341,6 +343,9 @@ impl TaskEngine {
     }
 
     pub fn update_settings(&mut self, settings: EngineSettings) {
+        if settings.agent.containment != self.settings.agent.containment {
+            log::warn!("SIGHUP: agent.containment takes effect when walkie restarts");
+        }
         self.settings = settings;
         self.warn_memory_max();
     }
@@ -960,8 +965,9 @@ impl TaskEngine {
         self.tokens.remove(&token);
         self.backlog.remove(&token);
         self.pool.release(token);
+        // What is buffered now, not what a stray still writing could add forever.
         let mut rest = Vec::new();
-        let _ = rx.read_to_end(&mut rest);
+        let _ = (&mut rx).take(CLOSE_DRAIN_MAX).read_to_end(&mut rest);
         drop(rx);
         self.take_output(id, pipe, &rest, now);
         let mut events = std::mem::take(&mut self.stream_events);
