@@ -63,6 +63,10 @@ pub struct Directives {
     pub plain: bool,
     pub secret: bool,
     pub text: Option<String>,
+    /// `@say=FILE`: assistant messages, one JSON string per line of FILE (relative to the cwd).
+    pub say: Option<PathBuf>,
+    /// `@garbage=SIZE`: SIZE random bytes instead of any stream-json, then exit.
+    pub garbage: Option<u64>,
     pub stderr: Option<String>,
     pub pidfile: Option<PathBuf>,
     /// `@tool-ms=MS`: every tool use of the message runs this long before its result.
@@ -90,6 +94,7 @@ impl Directives {
             || self.oversize.is_some()
             || self.env
             || self.stall
+            || self.say.is_some()
     }
 }
 
@@ -205,6 +210,11 @@ fn apply(d: &mut Directives, token: &str) -> Result<bool, DirectiveError> {
         "plain" => d.plain = flag()?,
         "secret" => d.secret = flag()?,
         "text" => d.text = Some(spaced(need()?)),
+        "say" => d.say = Some(need()?.into()),
+        "garbage" => {
+            let v = need()?;
+            d.garbage = Some(parse_size(v).ok_or_else(|| bad(v, "a size like 64K"))?);
+        }
         "stderr" => d.stderr = Some(spaced(need()?)),
         "pidfile" => d.pidfile = Some(need()?.into()),
         _ => return Ok(false),
@@ -294,7 +304,8 @@ mod tests {
     fn flags_and_values() {
         let p = parse(
             "@stall @ignore-term @ignore-int @env @malformed @plain @secret @maxturns \
-             @flood=50M @flood-rate=5M @oversize=2K @text=all_good @stderr=oh_no @pidfile=p",
+             @flood=50M @flood-rate=5M @oversize=2K @text=all_good @stderr=oh_no @pidfile=p \
+             @say=lines.jsonl @garbage=4K",
             None,
         )
         .unwrap();
@@ -307,6 +318,8 @@ mod tests {
         assert_eq!(d.text.as_deref(), Some("all good"));
         assert_eq!(d.stderr.as_deref(), Some("oh no"));
         assert_eq!(d.pidfile, Some(PathBuf::from("p")));
+        assert_eq!(d.say, Some(PathBuf::from("lines.jsonl")));
+        assert_eq!(d.garbage, Some(4096));
         assert_eq!(p.prompt, "");
     }
 

@@ -747,6 +747,11 @@ impl<W: Write> Duplex<W> {
                 self.out.flush()?;
                 Ok(())
             }
+            // `@say` is planned in one-shot mode only.
+            Step::Say(text) => {
+                self.out.text(text)?;
+                Ok(())
+            }
         }
     }
 

@@ -64,6 +64,8 @@ pub enum Step {
     },
     Flood,
     Oversize(u64),
+    /// An `@say` message.
+    Say(String),
 }
 
 impl Step {
@@ -132,6 +134,8 @@ struct Runner<W: Write> {
     turns: u32,
     /// A tool use left unanswered while stalling (the sigint-tool fixture's situation).
     pending: Option<(String, Exchange)>,
+    /// The last `@say` message, kept for the final text.
+    final_say: Option<String>,
 }
 
 impl<W: Write> Runner<W> {
@@ -227,6 +231,10 @@ impl<W: Write> Runner<W> {
                 Ok(())
             }
             Step::Flood => flood(&mut self.out, &mut self.signals, &self.directives),
+            Step::Say(text) => {
+                self.out.text(text)?;
+                Ok(())
+            }
             Step::Oversize(size) => {
                 let len = size.saturating_sub(self.out.flood_overhead());
                 self.out.flood_line(&Corpus::new().slice(len as usize))?;
@@ -263,7 +271,10 @@ impl<W: Write> Runner<W> {
     }
 
     fn final_text(&self) -> String {
-        final_text(&self.directives, &self.prompt)
+        match &self.final_say {
+            Some(last) => last.clone(),
+            None => final_text(&self.directives, &self.prompt),
+        }
     }
 
     /// Plays the plan; returns the exit status after the result line.
@@ -385,6 +396,39 @@ pub fn refused(exchange: Exchange) -> Exchange {
     Exchange::failed(exchange.name, exchange.input, message)
 }
 
+/// `@garbage`: `size` pseudo-random bytes on stdout (newlines included, no JSON), then
+/// `status`. Seeded, so a test sees the same bytes every run.
+fn garbage(size: u64, status: i32) -> i32 {
+    let mut rng = fastrand::Rng::with_seed(size);
+    let mut out = io::stdout().lock();
+    let mut left = size;
+    let mut chunk = vec![0u8; 8192];
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        rng.fill(&mut chunk[..n]);
+        if let Err(e) = out.write_all(&chunk[..n]) {
+            eprintln!("fake-agent: cannot write to stdout: {e}");
+            return 1;
+        }
+        left -= n as u64;
+    }
+    let _ = out.flush();
+    status
+}
+
+/// `@say`: one JSON string per non-empty line.
+fn read_say_file(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str::<String>(line)
+                .map_err(|e| format!("line {}: not a JSON string: {e}", i + 1))
+        })
+        .collect()
+}
+
 /// The whole environment as sorted `NAME=value` lines (`@env`).
 pub fn environment_text() -> String {
     let mut vars: Vec<String> = std::env::vars_os()
@@ -501,6 +545,19 @@ pub fn main(options: Options) -> i32 {
         }
     };
     let d = parsed.directives;
+    if let Some(size) = d.garbage {
+        return garbage(size, d.exit.unwrap_or(0));
+    }
+    let say = match &d.say {
+        Some(path) => match read_say_file(path) {
+            Ok(messages) => messages,
+            Err(e) => {
+                eprintln!("fake-agent: @say={}: {e}", path.display());
+                return 2;
+            }
+        },
+        None => Vec::new(),
+    };
     let signals = match Signals::install(d.ignore_int, d.ignore_term) {
         Ok(signals) => signals,
         Err(e) => {
@@ -556,7 +613,14 @@ pub fn main(options: Options) -> i32 {
         (false, OutputFormat::Json) => Style::Json,
         (false, OutputFormat::Text) => Style::Text,
     };
-    let (steps, finish) = plan(&d, options.max_turns, &cwd);
+    let (mut steps, finish) = plan(&d, options.max_turns, &cwd);
+    // `@say` messages are the first steps; a successful run keeps the last one for its final
+    // text (unless `@text` gives that).
+    let mut say = say;
+    let final_say = (finish == Finish::Success && d.text.is_none())
+        .then(|| say.pop())
+        .flatten();
+    steps.splice(0..0, say.into_iter().map(Step::Say));
     let mut runner = Runner {
         out: Output::new(BufWriter::with_capacity(64 * 1024, stdout), style, session),
         signals,
@@ -576,6 +640,7 @@ pub fn main(options: Options) -> i32 {
         start,
         turns: 0,
         pending: None,
+        final_say,
     };
     let played = (|| {
         if runner.directives.malformed {
