@@ -83,6 +83,7 @@ fn failures_and_plain_output_are_reported() {
     w.start();
     let failed = w.start_task(&["--name", "bad", "@fail"]);
     let plain = w.start_task(&["--name", "plain", "@plain"]);
+    let garbage = w.start_task(&["--name", "garbage", "@garbage=64K"]);
     let t = w.wait_finished(&failed, T);
     assert_eq!(t["state"], "failed", "{t}");
     assert_eq!(t["exit_code"], 1);
@@ -93,6 +94,25 @@ fn failures_and_plain_output_are_reported() {
         summary.contains("401") && !summary.starts_with("failed"),
         "{t}"
     );
+    // An agent started for stream-json that prints no result line did not finish its work,
+    // whatever its exit status: plain text, or random bytes, and exit 0.
+    for name in [&plain, &garbage] {
+        let t = w.wait_finished(name, T);
+        assert_eq!(t["state"], "failed", "{t}");
+        assert_eq!(t["exit_code"], 0, "{t}");
+        assert_eq!(
+            t["summary"], "no result from the agent (it exited with code 0).",
+            "{t}"
+        );
+    }
+    // The same plain agent started for plain text succeeds on its exit status.
+    w.write_config(
+        &w.default_config("")
+            .replace(r#""stream-json", "--verbose""#, r#""text""#),
+    );
+    w.signal(Signal::SIGHUP);
+    assert!(wait_until(T, || w.log().contains("configuration reloaded")));
+    let plain = w.start_task(&["--name", "plain text", "@plain"]);
     let t = w.wait_finished(&plain, T);
     assert_eq!(t["state"], "succeeded", "{t}");
     // An agent that is not there is a clear error, not a crash.
@@ -101,7 +121,11 @@ fn failures_and_plain_output_are_reported() {
             .replace(FAKE_AGENT, "/nonexistent/agent"),
     );
     w.signal(Signal::SIGHUP);
-    assert!(wait_until(T, || w.log().contains("configuration reloaded")));
+    assert!(wait_until(T, || w
+        .log()
+        .matches("configuration reloaded")
+        .count()
+        == 2));
     let (code, _, err) = w.ctl(&["start", "anything"]);
     assert_eq!(code, 1);
     assert!(

@@ -41,7 +41,7 @@ use super::output::{TAIL_BYTES, Tail};
 use super::proc::{self, MARKER_VAR};
 use super::record::{TaskRecord, TaskState};
 use super::redact;
-use super::stream::{ExitInfo, StreamEvent};
+use super::stream::{ExitInfo, OutputKind, StreamEvent};
 use super::writer::{DiskWriter, Done};
 use crate::config::AgentConfig;
 use crate::paths::Paths;
@@ -1248,6 +1248,7 @@ impl TaskEngine {
             sweep_grace: Duration::from_millis(self.settings.agent.cancel_grace_ms)
                 .min(SWEEP_GRACE_MAX),
             watched: self.watch.is_some(),
+            output: OutputKind::of_command(argv),
         });
         if run.poll_action() != Some(Action::Spawn) {
             return Err(TaskError::Spawn(

@@ -37,7 +37,7 @@ use nix::sys::signal::Signal;
 
 use super::record::TaskState;
 use super::redact;
-use super::stream::{self, ExitInfo, StreamEvent, StreamParser, Verdict};
+use super::stream::{self, ExitInfo, OutputKind, StreamEvent, StreamParser, Verdict};
 
 /// After nothing of the task is left, how long to wait for the pipes' EOF.
 pub const PIPE_GRACE: Duration = Duration::from_millis(300);
@@ -63,6 +63,8 @@ pub struct Settings {
     /// The membership source reports on its own when the task empties (a cgroup's
     /// `populated 0`), so sweeps need not poll often.
     pub watched: bool,
+    /// What the agent's stdout should be (from its command): decides a run without result.
+    pub output: OutputKind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -501,7 +503,7 @@ impl Lifecycle {
         let exit = self
             .exit
             .unwrap_or(ExitInfo::Signal(Signal::SIGKILL as i32));
-        let verdict = stream::verdict(&self.parser, exit);
+        let verdict = stream::verdict(&self.parser, exit, self.settings.output);
         let final_text = self
             .parser
             .result()
@@ -683,6 +685,7 @@ mod tests {
                     cancel_grace: Duration::from_millis(1000),
                     sweep_grace: Duration::from_millis(400),
                     watched,
+                    output: OutputKind::StreamJson,
                 }),
                 t0: Instant::now(),
                 events: Vec::new(),
@@ -1015,7 +1018,7 @@ mod tests {
         assert!(outcome.summary.contains("code 1"), "{}", outcome.summary);
         assert_eq!(
             outcome.error.as_deref(),
-            Some("the agent exited with code 1 without a result")
+            Some("no result from the agent (it exited with code 1)")
         );
     }
 

@@ -18,6 +18,8 @@ use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::redact::Keep;
+
 /// Longest stdout line kept; a longer line is dropped (reported as Truncated), never buffered.
 pub const MAX_LINE: usize = 256 * 1024;
 
@@ -584,12 +586,45 @@ pub enum Verdict {
     Interrupted { reason: String },
 }
 
+/// What an agent's stdout is meant to be, from how it was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `--output-format stream-json` (or `json`): a run that finishes ends with a `result`
+    /// line, so without one the run did not finish, whatever the exit status says.
+    StreamJson,
+    /// Plain text (agents without stream-json): the exit status decides.
+    Plain,
+}
+
+impl OutputKind {
+    /// From the agent's argv: the Claude CLI's `--output-format stream-json|json` (as two
+    /// arguments or one with '=').
+    pub fn of_command(argv: &[String]) -> OutputKind {
+        let json = |format: &str| matches!(format, "stream-json" | "json");
+        let given =
+            argv.iter()
+                .enumerate()
+                .any(|(i, arg)| match arg.strip_prefix("--output-format") {
+                    Some("") => argv.get(i + 1).is_some_and(|next| json(next)),
+                    Some(rest) => rest.strip_prefix('=').is_some_and(json),
+                    None => false,
+                });
+        if given {
+            OutputKind::StreamJson
+        } else {
+            OutputKind::Plain
+        }
+    }
+}
+
 /// Decides the outcome from the parsed stream and the exit status (claude-cli.md "Outcomes").
 ///
 /// Success comes from `is_error` and the exit status, never from `subtype` alone: the CLI
-/// reports API errors as `subtype:"success"` with `is_error:true`. Reasons quote the agent's
-/// result text unredacted; redact before speaking them.
-pub fn verdict(parser: &StreamParser, exit: ExitInfo) -> Verdict {
+/// reports API errors as `subtype:"success"` with `is_error:true`. A stream-json agent that
+/// ends without a parsable `result` line failed ("no result from the agent"), even with exit
+/// status 0: it may have printed anything. Reasons quote the agent's result text, redacted
+/// and shortened.
+pub fn verdict(parser: &StreamParser, exit: ExitInfo, kind: OutputKind) -> Verdict {
     // SIGINT makes the CLI write an error_during_execution result and exit 0; SIGTERM makes
     // it exit 143 without a result; a shell wrapper reports Ctrl-C as 130.
     let stopped = matches!(exit, ExitInfo::Signal(_) | ExitInfo::Code(130 | 143));
@@ -613,7 +648,10 @@ pub fn verdict(parser: &StreamParser, exit: ExitInfo) -> Verdict {
         }
         Some(result) => {
             let what = match result.text.as_deref().map(str::trim) {
-                Some(text) if !text.is_empty() => shorten(text, REASON_MAX),
+                Some(text) if !text.is_empty() => {
+                    let excerpt = super::redact::excerpt(text, REASON_MAX, Keep::Head);
+                    excerpt.split_whitespace().collect::<Vec<_>>().join(" ")
+                }
                 _ => describe_subtype(&result.subtype),
             };
             Verdict::Failed {
@@ -622,6 +660,9 @@ pub fn verdict(parser: &StreamParser, exit: ExitInfo) -> Verdict {
         }
         None if stopped => Verdict::Interrupted {
             reason: format!("stopped without a result ({})", describe_exit(exit)),
+        },
+        None if kind == OutputKind::StreamJson => Verdict::Failed {
+            reason: format!("no result from the agent (it {})", describe_exit(exit)),
         },
         None if !parser.saw_json() => match exit {
             ExitInfo::Code(0) => Verdict::Succeeded,
@@ -996,7 +1037,7 @@ mod tests {
     fn parse_fixture(case: &str) -> (StreamParser, Vec<StreamEvent>, Verdict) {
         let (parser, events) = parse_all(&read_fixture(case, "stdout.jsonl"));
         let exit = exit_from_rc(fixture_rc(case, "rc"));
-        let verdict = verdict(&parser, exit);
+        let verdict = verdict(&parser, exit, OutputKind::StreamJson);
         (parser, events, verdict)
     }
 
@@ -1217,13 +1258,13 @@ mod tests {
         assert_eq!(tool_uses(&events)[0].0, "Bash");
         // The same stream ending with a plain failure exit is a failure, not an interruption.
         assert_eq!(
-            verdict(&parser, ExitInfo::Code(1)),
+            verdict(&parser, ExitInfo::Code(1), OutputKind::StreamJson),
             Verdict::Failed {
-                reason: "the agent exited with code 1 without a result".into()
+                reason: "no result from the agent (it exited with code 1)".into()
             }
         );
         assert!(matches!(
-            verdict(&parser, ExitInfo::Signal(9)),
+            verdict(&parser, ExitInfo::Signal(9), OutputKind::StreamJson),
             Verdict::Interrupted { reason } if reason.contains("SIGKILL")
         ));
     }
@@ -1245,7 +1286,10 @@ mod tests {
         );
         assert_eq!(second.result().unwrap().total_cost_usd, Some(0.00144));
         let exit = exit_from_rc(fixture_rc("resume", "rc2"));
-        assert_eq!(verdict(&second, exit), Verdict::Succeeded);
+        assert_eq!(
+            verdict(&second, exit, OutputKind::StreamJson),
+            Verdict::Succeeded
+        );
     }
 
     #[test]
@@ -1772,11 +1816,21 @@ mod tests {
         assert!(tail.len() > PLAIN_TAIL - 30);
         assert!(tail.ends_with("line 1999 of output\nAll done: 3 files changed"));
         assert!(parser.plain.len() <= PLAIN_TAIL_SLACK);
-        assert_eq!(verdict(&parser, ExitInfo::Code(0)), Verdict::Succeeded);
         assert_eq!(
-            verdict(&parser, ExitInfo::Code(2)),
+            verdict(&parser, ExitInfo::Code(0), OutputKind::Plain),
+            Verdict::Succeeded
+        );
+        assert_eq!(
+            verdict(&parser, ExitInfo::Code(2), OutputKind::Plain),
             Verdict::Failed {
                 reason: "the agent exited with code 2".into()
+            }
+        );
+        // The same text from an agent started for stream-json is no result at all.
+        assert_eq!(
+            verdict(&parser, ExitInfo::Code(0), OutputKind::StreamJson),
+            Verdict::Failed {
+                reason: "no result from the agent (it exited with code 0)".into()
             }
         );
     }
@@ -1911,20 +1965,23 @@ mod tests {
     fn verdict_rules() {
         let with_result = |line: &str| parse_all(format!("{line}\n").as_bytes()).0;
         let ok = with_result(r#"{"type":"result","subtype":"success","is_error":false}"#);
-        assert_eq!(verdict(&ok, ExitInfo::Code(0)), Verdict::Succeeded);
+        assert_eq!(
+            verdict(&ok, ExitInfo::Code(0), OutputKind::StreamJson),
+            Verdict::Succeeded
+        );
         assert!(matches!(
-            verdict(&ok, ExitInfo::Code(1)),
+            verdict(&ok, ExitInfo::Code(1), OutputKind::StreamJson),
             Verdict::Failed { reason } if reason.contains("code 1")
         ));
         assert!(matches!(
-            verdict(&ok, ExitInfo::Signal(15)),
+            verdict(&ok, ExitInfo::Signal(15), OutputKind::StreamJson),
             Verdict::Interrupted { reason } if reason.contains("SIGTERM")
         ));
 
         let budget =
             with_result(r#"{"type":"result","subtype":"error_max_budget_usd","is_error":true}"#);
         assert_eq!(
-            verdict(&budget, ExitInfo::Code(1)),
+            verdict(&budget, ExitInfo::Code(1), OutputKind::StreamJson),
             Verdict::Failed {
                 reason: "the agent hit its budget limit (exited with code 1)".into()
             }
@@ -1933,39 +1990,49 @@ mod tests {
         let during =
             with_result(r#"{"type":"result","subtype":"error_during_execution","is_error":true}"#);
         assert!(matches!(
-            verdict(&during, ExitInfo::Code(0)),
+            verdict(&during, ExitInfo::Code(0), OutputKind::StreamJson),
             Verdict::Interrupted { .. }
         ));
         // The same subtype with a failing exit is a real error, not an interruption.
         assert!(matches!(
-            verdict(&during, ExitInfo::Code(1)),
+            verdict(&during, ExitInfo::Code(1), OutputKind::StreamJson),
             Verdict::Failed { .. }
         ));
 
         let nothing = StreamParser::new();
         assert!(matches!(
-            verdict(&nothing, ExitInfo::Code(130)),
+            verdict(&nothing, ExitInfo::Code(130), OutputKind::StreamJson),
             Verdict::Interrupted { .. }
         ));
         assert!(matches!(
-            verdict(&nothing, ExitInfo::Code(143)),
+            verdict(&nothing, ExitInfo::Code(143), OutputKind::StreamJson),
             Verdict::Interrupted { .. }
         ));
         assert!(matches!(
-            verdict(&nothing, ExitInfo::Signal(2)),
+            verdict(&nothing, ExitInfo::Signal(2), OutputKind::StreamJson),
             Verdict::Interrupted { .. }
         ));
-        assert_eq!(verdict(&nothing, ExitInfo::Code(0)), Verdict::Succeeded);
-
-        let json_only = with_result(r#"{"type":"system","session_id":"x"}"#);
+        // Nothing at all, exit 0: a stream-json agent failed, a plain one succeeded.
         assert_eq!(
-            verdict(&json_only, ExitInfo::Code(0)),
+            verdict(&nothing, ExitInfo::Code(0), OutputKind::StreamJson),
             Verdict::Failed {
-                reason: "the agent exited with code 0 without a result".into()
+                reason: "no result from the agent (it exited with code 0)".into()
             }
         );
         assert_eq!(
-            verdict(&json_only, ExitInfo::Code(137)),
+            verdict(&nothing, ExitInfo::Code(0), OutputKind::Plain),
+            Verdict::Succeeded
+        );
+
+        let json_only = with_result(r#"{"type":"system","session_id":"x"}"#);
+        assert_eq!(
+            verdict(&json_only, ExitInfo::Code(0), OutputKind::StreamJson),
+            Verdict::Failed {
+                reason: "no result from the agent (it exited with code 0)".into()
+            }
+        );
+        assert_eq!(
+            verdict(&json_only, ExitInfo::Code(137), OutputKind::Plain),
             Verdict::Failed {
                 reason: "the agent exited with code 137 without a result".into()
             }
@@ -1978,11 +2045,76 @@ mod tests {
         let line =
             serde_json::json!({"type":"result","subtype":"success","is_error":true,"result":text});
         let (parser, _) = parse_all(format!("{line}\n").as_bytes());
-        let Verdict::Failed { reason } = verdict(&parser, ExitInfo::Code(1)) else {
+        let Verdict::Failed { reason } =
+            verdict(&parser, ExitInfo::Code(1), OutputKind::StreamJson)
+        else {
             panic!()
         };
         assert!(reason.chars().count() <= REASON_MAX + 30, "{reason}");
         assert!(reason.ends_with("… (exited with code 1)"), "{reason}");
+    }
+
+    #[test]
+    fn a_key_at_the_reason_cut_is_redacted_whole() {
+        let key = "sk-proj-CZ8hKYWHJPu05MC4jAbCdEfGhIjKlMnOpQrStUvWxYz0123456789xy";
+        for pad in (REASON_MAX - 70..REASON_MAX).step_by(7) {
+            let text = format!("{} {key} and more words after it", "x".repeat(pad));
+            let line = serde_json::json!({"type":"result","subtype":"success","is_error":true,"result":text});
+            let (parser, _) = parse_all(format!("{line}\n").as_bytes());
+            let verdict = verdict(&parser, ExitInfo::Code(1), OutputKind::StreamJson);
+            let Verdict::Failed { reason } = verdict else {
+                panic!("{verdict:?}")
+            };
+            for piece in key.as_bytes().windows(8) {
+                let piece = std::str::from_utf8(piece).unwrap();
+                assert!(!reason.contains(piece), "{piece:?} in {reason:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_are_no_result() {
+        let mut rng = fastrand::Rng::with_seed(8);
+        let bytes: Vec<u8> = (0..64 * 1024).map(|_| rng.u8(..)).collect();
+        let (parser, _) = parse_all(&bytes);
+        assert!(parser.result().is_none());
+        assert_eq!(
+            verdict(&parser, ExitInfo::Code(0), OutputKind::StreamJson),
+            Verdict::Failed {
+                reason: "no result from the agent (it exited with code 0)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn output_kind_from_the_command() {
+        let argv = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            OutputKind::of_command(&argv(&[
+                "claude",
+                "-p",
+                "x",
+                "--output-format",
+                "stream-json"
+            ])),
+            OutputKind::StreamJson
+        );
+        assert_eq!(
+            OutputKind::of_command(&argv(&["claude", "--output-format=json"])),
+            OutputKind::StreamJson
+        );
+        for plain in [
+            &["claude", "--output-format", "text"][..],
+            &["aider", "--message", "{prompt}"],
+            &["x", "--output-format"],
+            &["echo", "stream-json"],
+        ] {
+            assert_eq!(
+                OutputKind::of_command(&argv(plain)),
+                OutputKind::Plain,
+                "{plain:?}"
+            );
+        }
     }
 
     #[test]
