@@ -12,7 +12,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use crate::tasks::engine::Logs;
-use crate::tasks::{TaskEngine, TaskError, TaskRecord, redact};
+use crate::tasks::redact::{self, Keep};
+use crate::tasks::{TaskEngine, TaskError, TaskRecord};
 
 /// Longest result text handed to the model.
 const RESULT_CHARS: usize = 1500;
@@ -93,8 +94,7 @@ fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) ->
                 let mut v = brief(&record);
                 if record.state.is_running() {
                     if let Ok(Logs::Now { text: tail, .. }) = engine.logs(&record.name) {
-                        let recent: String = last_chars(&tail, 400);
-                        v["recent_output"] = json!(redact::speech_summary(&recent, 400));
+                        v["recent_output"] = json!(redact::speech_excerpt(&tail, 400, Keep::Tail));
                     }
                 }
                 v
@@ -159,11 +159,6 @@ pub fn task_error(e: &TaskError) -> Value {
         _ => {}
     }
     v
-}
-
-fn last_chars(s: &str, n: usize) -> String {
-    let count = s.chars().count();
-    s.chars().skip(count.saturating_sub(n)).collect()
 }
 
 #[cfg(test)]

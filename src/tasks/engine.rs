@@ -40,7 +40,7 @@ use super::names::{self, Resolution};
 use super::output::{TAIL_BYTES, Tail};
 use super::proc::{self, MARKER_VAR};
 use super::record::{TaskRecord, TaskState};
-use super::redact;
+use super::redact::{self, Keep, OutputRedactor};
 use super::stream::{ExitInfo, OutputKind, StreamEvent};
 use super::writer::{DiskWriter, Done};
 use crate::config::AgentConfig;
@@ -180,6 +180,8 @@ struct Live {
     cgroup: Option<CgroupScope>,
     watch: Option<WatchDescriptor>,
     followed: bool,
+    /// Redacts the output streamed to followers (what is kept is redacted when read).
+    redactor: OutputRedactor,
 }
 
 /// What is left of a task that was running when walkie last died.
@@ -557,6 +559,9 @@ impl TaskEngine {
         };
         match self.live.get_mut(&id) {
             Some(live) => {
+                if followed && !live.followed {
+                    live.redactor = OutputRedactor::after(&live.tail.text());
+                }
                 live.followed = followed;
                 true
             }
@@ -572,7 +577,7 @@ impl TaskEngine {
         if let Some(live) = self.live.get(&record.id) {
             return Ok(Logs::Now {
                 task,
-                text: live.tail.text(),
+                text: redact::redact_log(&live.tail.text()),
                 dropped: live.dropped,
             });
         }
@@ -599,7 +604,7 @@ impl TaskEngine {
             }
             out.push_str(&format!(
                 "): {}",
-                truncate_chars(&redact::redact(&r.prompt), 160)
+                redact::excerpt(&r.prompt, 160, Keep::Head)
             ));
             if let Some(s) = &r.summary {
                 out.push_str(&format!(" — {s}"));
@@ -1087,6 +1092,12 @@ impl TaskEngine {
             cost_usd,
             stragglers,
         } = outcome;
+        // The output shows keys split across its lines: their halves go from what was
+        // derived from it by another path (the final answer, a failure reason) too.
+        let output = live.tail.text();
+        let summary = redact::scrub(&summary, &output);
+        let error = error.map(|e| redact::scrub(&e, &output));
+        let result_text = result_text.map(|t| redact::scrub(&t, &output));
         if live.dropped > 0 {
             self.disk.note(
                 &live.logs.text,
@@ -1379,6 +1390,7 @@ impl TaskEngine {
             cgroup,
             watch,
             followed: false,
+            redactor: OutputRedactor::new(),
         };
         let mut unwatched = Vec::new();
         for (pipe, rx) in [(Pipe::Stdout, stdout), (Pipe::Stderr, stderr)] {
@@ -1474,7 +1486,7 @@ fn emit_output(
     if live.followed {
         events.push_back(TaskEvent::Output {
             name: live.name.clone(),
-            text: rendered.to_string(),
+            text: live.redactor.redact_piece(rendered),
         });
     }
 }
@@ -1522,13 +1534,6 @@ pub fn expand(template: &[String], prompt: &str, session: Option<&str>) -> Vec<S
             }
         })
         .collect()
-}
-
-fn truncate_chars(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 /// A real engine in a private directory for unit tests, with the engine's side of the
@@ -1663,11 +1668,5 @@ mod tests {
         assert_eq!(argv[3], "--x=rm -rf / ; echo $HOME");
         let r: Vec<String> = ["--resume", "{session}"].map(String::from).to_vec();
         assert_eq!(expand(&r, "p", Some("abc")), vec!["--resume", "abc"]);
-    }
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate_chars("héllo", 2), "hé…");
-        assert_eq!(truncate_chars("hi", 5), "hi");
     }
 }

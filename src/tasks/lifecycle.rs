@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use super::record::TaskState;
-use super::redact;
+use super::redact::{self, Keep};
 use super::stream::{self, ExitInfo, OutputKind, StreamEvent, StreamParser, Verdict};
 
 /// After nothing of the task is left, how long to wait for the pipes' EOF.
@@ -50,8 +50,8 @@ pub const WATCHED_POLL: Duration = Duration::from_secs(1);
 pub const GIVE_UP: Duration = Duration::from_secs(10);
 /// Longest summary, in characters (it is spoken).
 const SUMMARY_CHARS: usize = 300;
-/// Longest stored final text.
-const RESULT_TEXT_BYTES: usize = 8 * 1024;
+/// Longest stored final text, in characters.
+const RESULT_TEXT_CHARS: usize = 8 * 1024;
 
 /// Timing of one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -542,7 +542,7 @@ impl Lifecycle {
             }),
             error: error.map(|e| redact::redact(&e)),
             summary,
-            result_text: final_text.map(|t| truncate_bytes(&redact::redact(&t), RESULT_TEXT_BYTES)),
+            result_text: final_text.map(|t| redact::excerpt(&t, RESULT_TEXT_CHARS, Keep::Head)),
             session_id: self.parser.session_id().map(str::to_string),
             files_changed: self.parser.files_changed().to_vec(),
             cost_usd: self.parser.result().and_then(|r| r.total_cost_usd),
@@ -631,17 +631,6 @@ impl Leftover {
     pub fn stragglers(&self) -> usize {
         self.stragglers
     }
-}
-
-pub(crate) fn truncate_bytes(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -229,6 +229,8 @@ fn writer_worker(shared: &Shared, waker: &mio::Waker) {
             }
             Op::ReadTail { path, max, ticket } => {
                 let text = super::output::read_tail(&path, max).unwrap_or_default();
+                // Redacted here, off the loop: the file holds the agent's output as printed.
+                let text = super::redact::redact_log(&text);
                 lock(&shared.done).push(Done::Tail { ticket, text });
                 let _ = waker.wake();
             }
