@@ -138,12 +138,8 @@ const HEARD_MEMORY: usize = 16;
 const LOG_SNIPPET_CHARS: usize = 200;
 /// Committed turns still waiting for their transcription.
 const AWAITED_TRANSCRIPTIONS_MAX: usize = 32;
-const FATAL_CODES: [&str; 4] = [
-    "invalid_api_key",
-    "insufficient_quota",
-    "model_not_found",
-    "beta_api_shape_disabled",
-];
+/// Error codes that stop the link (shared with the link's refused-upgrade check).
+const FATAL_CODES: &[&str] = &crate::realtime::events::FATAL_ERROR_CODES;
 
 /// The Realtime session as the policy sees it.
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //! with a blocking tungstenite client (plain and TLS) and its control port, the way walkie's
 //! integration tests will use it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -458,6 +458,63 @@ fn reject_upgrades_answers_with_the_status_and_an_openai_body() {
     let state = fake.control(json!({"cmd":"state"}));
     assert_eq!(state["rejected_upgrades"], 1);
     assert_eq!(state["connections"], 1);
+}
+
+#[test]
+fn reject_upgrades_can_send_any_body_late_or_chunked() {
+    let fake = Fake::start(&[]);
+    let raw = |port: u16| {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(
+            b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .unwrap();
+        let start = Instant::now();
+        let mut chunks = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => chunks.push((start.elapsed(), buf[..n].to_vec())),
+            }
+        }
+        chunks
+    };
+    fake.control(json!({"cmd":"reject_upgrades","status":429,"count":1,
+                        "body":{"error":{"code":"custom"}},"split_ms":300}));
+    let chunks = raw(fake.port);
+    let all: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.clone()).collect();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\n{\"error\":{\"code\":\"custom\"}}"),
+        "{text}"
+    );
+    // The body came after the pause, apart from the head.
+    let (late, body) = chunks.last().unwrap();
+    assert!(*late >= Duration::from_millis(250), "{late:?}");
+    assert!(
+        body.starts_with(b"{"),
+        "{:?}",
+        String::from_utf8_lossy(body)
+    );
+
+    fake.control(
+        json!({"cmd":"reject_upgrades","status":503,"count":1,"body":"down","chunked":true}),
+    );
+    let all: Vec<u8> = raw(fake.port).into_iter().flat_map(|(_, c)| c).collect();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.contains("Transfer-Encoding: chunked\r\n"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n2\r\ndo\r\n2\r\nwn\r\n0\r\n\r\n"),
+        "{text}"
+    );
+    assert_eq!(fake.control(json!({"cmd":"state"}))["rejected_upgrades"], 2);
 }
 
 #[test]

@@ -422,6 +422,64 @@ fn an_http_401_fails_the_link_without_a_retry_loop() {
 }
 
 #[test]
+fn a_quota_refusal_at_the_upgrade_stops_retrying_and_says_why() {
+    // The real API answers an exhausted quota with HTTP 429 and `insufficient_quota` in the
+    // body, before any WebSocket: walkie must read that body (here arriving after a pause,
+    // and chunked) and stop, not retry forever.
+    for (split_ms, chunked) in [(0, false), (300, true)] {
+        let mut w = Walkie::new();
+        let fake = FakeRealtime::start(w.dir.path(), &[]);
+        fake.control(
+            json!({"cmd": "reject_upgrades", "status": 429, "count": 100,
+                            "split_ms": split_ms, "chunked": chunked}),
+        );
+        w.write_config(&w.realtime_config(&fake, "", ""));
+        w.extra_env
+            .insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
+        w.start();
+        let mut st = Value::Null;
+        assert!(
+            wait_until(T, || {
+                st = w.ctl_json(&["status"]);
+                st["link"] == "failed"
+            }),
+            "{st}\n{}",
+            w.log()
+        );
+        let error = st["link_error"].as_str().unwrap();
+        assert!(
+            error.contains("HTTP 429 insufficient_quota")
+                && error.contains("exceeded your current quota"),
+            "{error}"
+        );
+        let (_, human, _) = w.ctl(&["status"]);
+        assert!(
+            human.contains("failed") && human.contains("insufficient_quota"),
+            "{human}"
+        );
+        // Several backoff periods later, still the one attempt.
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            fake.state()["rejected_upgrades"],
+            1,
+            "no retry after a quota refusal"
+        );
+    }
+    // A rate limit (429 with another code) is retried, and walkie connects once it lifts.
+    let mut w = Walkie::new();
+    let fake = FakeRealtime::start(w.dir.path(), &[]);
+    fake.control(json!({"cmd": "reject_upgrades", "status": 429, "count": 1,
+                        "body": {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}}));
+    w.write_config(&w.realtime_config(&fake, "", ""));
+    w.extra_env
+        .insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
+    w.start();
+    w.wait_connected();
+    assert_eq!(fake.state()["rejected_upgrades"], 1);
+    assert!(w.log().contains("rate_limit_exceeded"), "{}", w.log());
+}
+
+#[test]
 fn a_fatal_error_event_stops_retrying() {
     let (w, fake) = connected(&[], "", "");
     fake.control(json!({"cmd": "send", "event": {"type": "error", "error": {"type": "invalid_request_error", "code": "insufficient_quota", "message": "You exceeded your current quota.", "param": null, "event_id": null}}}));

@@ -422,6 +422,19 @@ pub fn tools() -> Vec<FunctionTool> {
     ]
 }
 
+/// Error codes retrying cannot fix (realtime-ga.md "Errors, expiry, reconnect"), whether they
+/// come in an `error` event or in the body of a refused WebSocket upgrade: the link stops and
+/// says why instead of reconnecting.
+pub const FATAL_ERROR_CODES: [&str; 7] = [
+    "invalid_api_key",
+    "insufficient_quota",
+    "model_not_found",
+    "beta_api_shape_disabled",
+    "billing_not_active",
+    "account_deactivated",
+    "unsupported_country_region_territory",
+];
+
 /// The `error` object of an `error` event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApiError {

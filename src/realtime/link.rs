@@ -46,14 +46,16 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::error::ProtocolError;
 use tungstenite::handshake::client::{ClientHandshake, Request, Response};
 use tungstenite::handshake::{HandshakeError, MidHandshake};
-use tungstenite::http::header::AUTHORIZATION;
-use tungstenite::http::{HeaderValue, StatusCode, Uri};
+use tungstenite::http::header::{AUTHORIZATION, TRANSFER_ENCODING};
+use tungstenite::http::{HeaderValue, Uri};
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, WebSocket, WebSocketConfig};
 use tungstenite::{Bytes, Error as WsError, Message};
 
+use super::events::FATAL_ERROR_CODES;
 use super::tls::{self, TlsStream};
 use crate::reactor::LINK;
+use crate::tasks::redact::{self, Keep};
 
 /// Each connection phase (DNS, TCP per address, TLS + upgrade) gets this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -217,6 +219,188 @@ struct Wire {
     received: u64,
     /// The last write or flush hit a full socket: WRITABLE is wanted.
     write_blocked: bool,
+    /// Until the server's answer to the upgrade is through.
+    gate: Option<UpgradeGate>,
+}
+
+/// Longest response head to the upgrade request held back (tungstenite refuses 64 KiB).
+const UPGRADE_HEAD_MAX: usize = 16 * 1024;
+/// Longest body of a refused upgrade read: the error JSON is a few hundred bytes. With the
+/// last byte of the head it fits the 4 KiB tungstenite reads at a time, so all of it reaches
+/// the refusal it hands back.
+const UPGRADE_BODY_MAX: usize = 4000;
+
+/// Holds back the server's answer to the upgrade request until it can be judged. A refusal
+/// (any status but 101) says why in its body (`insufficient_quota`, `invalid_api_key`, …),
+/// but tungstenite stops reading at the end of the head and hands back only the bytes that
+/// came with it: a body sent a moment later would be lost. So the head, and for a refusal
+/// its body (bounded, see [`UPGRADE_BODY_MAX`]), are collected here, then released so that
+/// the last byte of the head and the whole body arrive in one read. A 101 passes at once.
+#[derive(Debug, Default)]
+struct UpgradeGate {
+    buf: Vec<u8>,
+    /// Bytes of `buf` handed to tungstenite.
+    released: usize,
+    /// The head, once complete.
+    head: Option<ResponseHead>,
+    /// The server closed (or broke) the connection: what arrived is all there is.
+    ended: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ResponseHead {
+    len: usize,
+    status: u16,
+    framing: BodyFraming,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BodyFraming {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+impl UpgradeGate {
+    fn take(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.head.is_none() {
+            self.head = parse_response_head(&self.buf);
+        }
+    }
+
+    /// Everything needed has arrived: a 101 head, or a refusal's head and body.
+    fn ready(&self) -> bool {
+        let Some(head) = &self.head else {
+            // An endless head is tungstenite's to refuse.
+            return self.ended || self.buf.len() >= UPGRADE_HEAD_MAX;
+        };
+        if head.status == 101 || self.ended {
+            return true;
+        }
+        let body = &self.buf[head.len..];
+        body.len() >= UPGRADE_BODY_MAX
+            || match head.framing {
+                BodyFraming::Length(length) => body.len() >= length,
+                BodyFraming::Chunked => decode_chunked(body).1,
+                BodyFraming::UntilClose => false,
+            }
+    }
+
+    /// Copies what may go to tungstenite now into `out`; None while holding back.
+    fn release(&mut self, out: &mut [u8]) -> Option<usize> {
+        if self.released == self.buf.len() || !self.ready() {
+            return None;
+        }
+        let mut end = self.buf.len();
+        if let Some(head) = &self.head
+            && head.status != 101
+        {
+            end = end.min(head.len + UPGRADE_BODY_MAX);
+            // Everything but the head's last byte first: tungstenite parses the head after
+            // the read that completes it and keeps only that read's rest as the body.
+            if self.released < head.len - 1 {
+                end = head.len - 1;
+            }
+        }
+        let n = out.len().min(end.saturating_sub(self.released));
+        if n == 0 {
+            return None;
+        }
+        out[..n].copy_from_slice(&self.buf[self.released..self.released + n]);
+        self.released += n;
+        Some(n)
+    }
+
+    /// Everything was handed over and the answer was a 101: the gate can go.
+    fn open(&self) -> bool {
+        self.released == self.buf.len() && self.head.as_ref().is_some_and(|h| h.status == 101)
+    }
+
+    /// A refusal collected so far (for a timeout while its body is still coming).
+    fn refusal(&self) -> Option<(u16, Vec<u8>)> {
+        let head = self.head.as_ref().filter(|h| h.status != 101)?;
+        let body = &self.buf[head.len..];
+        let body = &body[..body.len().min(UPGRADE_BODY_MAX)];
+        Some((
+            head.status,
+            decode_body(body, head.framing == BodyFraming::Chunked),
+        ))
+    }
+}
+
+/// The status and body framing of a complete HTTP response head at the start of `buf`.
+fn parse_response_head(buf: &[u8]) -> Option<ResponseHead> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return None,
+        // Not HTTP, or too many headers: tungstenite will say so.
+        Err(_) => {
+            return Some(ResponseHead {
+                len: buf.len(),
+                status: 0,
+                framing: BodyFraming::Length(0),
+            });
+        }
+    };
+    let status = response.code.unwrap_or(0);
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let framing = if header("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
+        BodyFraming::Chunked
+    } else if let Some(length) = header("content-length").and_then(|v| v.parse().ok()) {
+        BodyFraming::Length(length)
+    } else {
+        BodyFraming::UntilClose
+    };
+    Some(ResponseHead {
+        len,
+        status,
+        framing,
+    })
+}
+
+/// A chunked body's data so far, and whether its last chunk was seen.
+fn decode_chunked(mut body: &[u8]) -> (Vec<u8>, bool) {
+    let mut data = Vec::new();
+    loop {
+        let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return (data, false);
+        };
+        let size_text = std::str::from_utf8(&body[..line_end]).unwrap_or("");
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            return (data, false);
+        };
+        if size == 0 {
+            return (data, true);
+        }
+        let start = line_end + 2;
+        let available = body.len().saturating_sub(start).min(size);
+        data.extend_from_slice(&body[start..start + available]);
+        if available < size || body.len() < start + size + 2 {
+            return (data, false);
+        }
+        body = &body[start + size + 2..];
+    }
+}
+
+fn decode_body(body: &[u8], chunked: bool) -> Vec<u8> {
+    if chunked {
+        decode_chunked(body).0
+    } else {
+        body.to_vec()
+    }
 }
 
 impl Wire {
@@ -225,7 +409,25 @@ impl Wire {
             transport,
             received: 0,
             write_blocked: false,
+            gate: None,
         }
+    }
+
+    /// A wire for the upgrade: the server's answer goes through an [`UpgradeGate`].
+    fn for_upgrade(transport: Transport) -> Wire {
+        Wire {
+            gate: Some(UpgradeGate::default()),
+            ..Wire::new(transport)
+        }
+    }
+
+    fn read_transport(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match &mut self.transport {
+            Transport::Plain(sock) => sock.read(buf)?,
+            Transport::Tls(tls) => tls.read(buf)?,
+        };
+        self.received += n as u64;
+        Ok(n)
     }
 
     fn socket(&mut self) -> &mut TcpStream {
@@ -272,12 +474,39 @@ impl Wire {
 
 impl Read for Wire {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = match &mut self.transport {
-            Transport::Plain(sock) => sock.read(buf)?,
-            Transport::Tls(tls) => tls.read(buf)?,
+        let Some(gate) = self.gate.as_mut() else {
+            return self.read_transport(buf);
         };
-        self.received += n as u64;
-        Ok(n)
+        loop {
+            if let Some(n) = gate.release(buf) {
+                if gate.open() {
+                    self.gate = None;
+                }
+                return Ok(n);
+            }
+            if gate.ended {
+                return Ok(0);
+            }
+            let mut chunk = [0u8; 4096];
+            let read = match &mut self.transport {
+                Transport::Plain(sock) => sock.read(&mut chunk),
+                Transport::Tls(tls) => tls.read(&mut chunk),
+            };
+            match read {
+                Ok(0) => gate.ended = true,
+                Ok(n) => {
+                    self.received += n as u64;
+                    gate.take(&chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A refusal's sender may drop the connection without a TLS goodbye: what
+                // came is the answer.
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock && gate.head.is_some() => {
+                    gate.ended = true
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -540,9 +769,22 @@ impl Link {
     pub fn on_timeout(&mut self, registry: &Registry, now: Instant) {
         let interval = self.settings.ping_interval;
         match &mut self.state {
-            State::Resolving { deadline, .. } | State::Handshaking { deadline, .. }
-                if now >= *deadline =>
-            {
+            // A refusal whose body never finished arriving is judged on what came.
+            State::Handshaking { mid, deadline } if now >= *deadline => {
+                let held = (mid.get_ref().get_ref().gate.as_ref()).and_then(UpgradeGate::refusal);
+                match held {
+                    Some((status, body)) => self.refused(registry, now, status, &body),
+                    None => {
+                        let reason = format!(
+                            "connecting to {} timed out after {}",
+                            self.endpoint_name(),
+                            human(self.connect_timeout)
+                        );
+                        self.lost(registry, now, reason);
+                    }
+                }
+            }
+            State::Resolving { deadline, .. } if now >= *deadline => {
                 let reason = format!(
                     "connecting to {} timed out after {}",
                     self.endpoint_name(),
@@ -841,8 +1083,11 @@ impl Link {
             .write_buffer_size(0)
             .max_write_buffer_size(self.settings.max_write_buffer)
             .max_message_size(Some(MAX_MESSAGE_SIZE));
-        let result =
-            tungstenite::client::client_with_config(request, Wire::new(transport), Some(config));
+        let result = tungstenite::client::client_with_config(
+            request,
+            Wire::for_upgrade(transport),
+            Some(config),
+        );
         self.after_handshake_round(registry, now, result, now + self.connect_timeout);
     }
 
@@ -886,21 +1131,15 @@ impl Link {
                 self.registered = None;
                 self.state = State::Disabled;
                 match e {
-                    WsError::Http(response)
-                        if matches!(
-                            response.status(),
-                            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-                        ) =>
-                    {
-                        let reason = format!(
-                            "authentication refused (HTTP {}): check the API key",
-                            response.status().as_u16()
-                        );
-                        self.fatal(registry, reason);
-                    }
                     WsError::Http(response) => {
-                        let reason = format!("HTTP {} at the WebSocket upgrade", response.status());
-                        self.lost(registry, now, reason);
+                        let chunked = response
+                            .headers()
+                            .get(TRANSFER_ENCODING)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+                        let raw = response.body().as_deref().unwrap_or_default();
+                        let body = decode_body(raw, chunked);
+                        self.refused(registry, now, response.status().as_u16(), &body);
                     }
                     other => {
                         let reason = format!(
@@ -993,6 +1232,18 @@ impl Link {
             self.state = State::Backoff {
                 until: reconnect_at,
             };
+        }
+    }
+
+    /// The server answered the upgrade with an HTTP error. A bad key or an account problem
+    /// (the body's error code, see [`FATAL_ERROR_CODES`]) is fatal: retrying cannot fix it
+    /// and would only hammer the API. Anything else (a 429 rate limit, a 503) is transient.
+    fn refused(&mut self, registry: &Registry, now: Instant, status: u16, body: &[u8]) {
+        let refusal = Refusal::judge(status, body);
+        if refusal.fatal {
+            self.fatal(registry, refusal.reason);
+        } else {
+            self.lost(registry, now, refusal.reason);
         }
     }
 
@@ -1200,6 +1451,65 @@ fn describe_close(frame: Option<&CloseFrame>) -> String {
             f.reason.as_str()
         ),
         None => "server closed the connection (no code)".to_owned(),
+    }
+}
+
+/// Longest server message quoted from a refused upgrade.
+const REFUSAL_MESSAGE_CHARS: usize = 200;
+
+/// What a refused upgrade means, from its status and its (OpenAI-style JSON) body:
+/// `{"error": {"message", "type", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+struct Refusal {
+    fatal: bool,
+    reason: String,
+}
+
+impl Refusal {
+    fn judge(status: u16, body: &[u8]) -> Refusal {
+        let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+        let error = json.as_ref().and_then(|v| v.get("error"));
+        let field = |key: &str| {
+            error
+                .and_then(|e| e.get(key))
+                .and_then(serde_json::Value::as_str)
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        };
+        let code = field("code");
+        let kind = field("type");
+        let fatal_code = [code, kind]
+            .into_iter()
+            .flatten()
+            .find(|c| FATAL_ERROR_CODES.contains(c));
+        let fatal = matches!(status, 401 | 403) || fatal_code.is_some();
+        // The server's own words, bounded, redacted and printable (a plain-text or HTML
+        // body is quoted only when there is no JSON).
+        let message = match (json.is_some(), field("message")) {
+            (_, Some(message)) => Some(message.to_owned()),
+            (false, None) => Some(String::from_utf8_lossy(body).into_owned()),
+            (true, None) => None,
+        }
+        .map(|m| {
+            m.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect::<String>()
+        })
+        .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|m| !m.is_empty())
+        .map(|m| redact::excerpt(&m, REFUSAL_MESSAGE_CHARS, Keep::Head));
+        let label = match fatal_code.or(code).or(kind) {
+            Some(code) => format!("HTTP {status} {code}"),
+            None => format!("HTTP {status}"),
+        };
+        let said = message.map(|m| format!(": {m}")).unwrap_or_default();
+        let reason = match status {
+            401 => format!("authentication refused ({label}){said}; check the API key"),
+            403 => format!("access refused ({label}){said}"),
+            _ if fatal => format!("the Realtime API refused walkie ({label}){said}; not retrying"),
+            _ => format!("{label} at the WebSocket upgrade{said}"),
+        };
+        Refusal { fatal, reason }
     }
 }
 
@@ -1746,6 +2056,259 @@ mod tests {
         let mut h = Harness::started(settings(server.ws_url()));
         let event = h.wait_for("Failed", |e| matches!(e, LinkEvent::Failed { .. }));
         assert!(matches!(event, LinkEvent::Failed { reason } if reason.contains("403")));
+    }
+
+    /// How a test server refuses an upgrade.
+    #[derive(Clone)]
+    struct Refuse {
+        status: &'static str,
+        body: String,
+        /// A pause between the head and the body.
+        split: Option<Duration>,
+        chunked: bool,
+        /// Bytes of the body actually sent (the rest never comes; the socket stays open).
+        send_only: Option<usize>,
+    }
+
+    fn refusing_server(refuse: Refuse, upgrade_after: usize) -> TestServer {
+        TestServer::spawn(None, move |index, mut io| {
+            if index >= upgrade_after {
+                if let Some((mut ws, _)) = accept(io) {
+                    echo(&mut ws);
+                }
+                return;
+            }
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match io.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let framing = if refuse.chunked {
+                "Transfer-Encoding: chunked".to_owned()
+            } else {
+                format!("Content-Length: {}", refuse.body.len())
+            };
+            let head = format!(
+                "HTTP/1.1 {}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n",
+                refuse.status
+            );
+            let _ = io.write_all(head.as_bytes());
+            let _ = io.flush();
+            if let Some(pause) = refuse.split {
+                thread::sleep(pause);
+            }
+            let mut body = refuse.body.clone().into_bytes();
+            if refuse.chunked {
+                let (a, b) = refuse.body.as_bytes().split_at(refuse.body.len() / 2);
+                body = format!("{:x}\r\n", a.len()).into_bytes();
+                body.extend_from_slice(a);
+                body.extend_from_slice(format!("\r\n{:x}\r\n", b.len()).as_bytes());
+                body.extend_from_slice(b);
+                body.extend_from_slice(b"\r\n0\r\n\r\n");
+            }
+            match refuse.send_only {
+                Some(n) => {
+                    let _ = io.write_all(&body[..n.min(body.len())]);
+                    let _ = io.flush();
+                    thread::sleep(Duration::from_secs(30));
+                }
+                None => {
+                    let _ = io.write_all(&body);
+                    let _ = io.flush();
+                }
+            }
+        })
+    }
+
+    fn quota_body() -> String {
+        serde_json::json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}).to_string()
+    }
+
+    fn wait_failed(h: &mut Harness) -> String {
+        match h.wait_for("Failed", |e| matches!(e, LinkEvent::Failed { .. })) {
+            LinkEvent::Failed { reason } => reason,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_quota_refusal_is_fatal_even_when_its_body_comes_late() {
+        for (split, chunked) in [
+            (None, false),
+            (Some(Duration::from_millis(300)), false),
+            (Some(Duration::from_millis(300)), true),
+        ] {
+            let server = refusing_server(
+                Refuse {
+                    status: "429 Too Many Requests",
+                    body: quota_body(),
+                    split,
+                    chunked,
+                    send_only: None,
+                },
+                usize::MAX,
+            );
+            let mut h = Harness::started(settings(server.ws_url()));
+            let reason = wait_failed(&mut h);
+            assert!(
+                reason.contains("HTTP 429 insufficient_quota")
+                    && reason.contains("exceeded your current quota"),
+                "{split:?} {chunked}: {reason}"
+            );
+            assert_eq!(h.link.status(), LinkStatus::Failed);
+            assert_eq!(h.link.last_error(), Some(reason.as_str()));
+            h.run_for(Duration::from_millis(400));
+            assert_eq!(server.accepted(), 1, "no retry");
+        }
+    }
+
+    #[test]
+    fn other_fatal_codes_stop_the_link_and_a_rate_limit_does_not() {
+        let model = serde_json::json!({"error": {"message": "The model `gpt-nope` does not exist.", "type": "invalid_request_error", "code": "model_not_found"}}).to_string();
+        let server = refusing_server(
+            Refuse {
+                status: "404 Not Found",
+                body: model,
+                split: None,
+                chunked: true,
+                send_only: None,
+            },
+            usize::MAX,
+        );
+        let mut h = Harness::started(settings(server.ws_url()));
+        assert!(wait_failed(&mut h).contains("model_not_found"));
+
+        let limit = serde_json::json!({"error": {"message": "Rate limit reached for requests.", "type": "requests", "code": "rate_limit_exceeded"}}).to_string();
+        let server = refusing_server(
+            Refuse {
+                status: "429 Too Many Requests",
+                body: limit,
+                split: None,
+                chunked: false,
+                send_only: None,
+            },
+            1,
+        );
+        let mut h = Harness::started(settings(server.ws_url()));
+        let reason = h.wait_closed();
+        assert!(
+            reason.contains("HTTP 429 rate_limit_exceeded") && reason.contains("Rate limit"),
+            "{reason}"
+        );
+        h.wait_open();
+        assert_eq!(server.accepted(), 2);
+    }
+
+    #[test]
+    fn a_refusal_body_is_read_bounded() {
+        // A megabyte of body: judged on its first kilobytes, quoted short.
+        let server = refusing_server(
+            Refuse {
+                status: "503 Service Unavailable",
+                body: "x".repeat(1 << 20),
+                split: None,
+                chunked: false,
+                send_only: None,
+            },
+            1,
+        );
+        let mut h = Harness::started(settings(server.ws_url()));
+        let reason = h.wait_closed();
+        assert!(
+            reason.starts_with("HTTP 503 at the WebSocket upgrade: x"),
+            "{reason}"
+        );
+        assert!(
+            reason.chars().count() < 300,
+            "{} chars",
+            reason.chars().count()
+        );
+        h.wait_open();
+        // A body that stops coming: the connect timeout judges what came.
+        let server = refusing_server(
+            Refuse {
+                status: "429 Too Many Requests",
+                body: quota_body(),
+                split: None,
+                chunked: false,
+                send_only: Some(20),
+            },
+            usize::MAX,
+        );
+        let mut h = Harness::new(settings(server.ws_url()));
+        h.link.connect_timeout = Duration::from_millis(300);
+        h.link.start(h.poll.registry(), Instant::now());
+        let reason = h.wait_closed();
+        assert!(reason.contains("HTTP 429"), "{reason}");
+    }
+
+    #[test]
+    fn refusals_are_judged_by_status_and_code() {
+        let judge = |status, body: &str| Refusal::judge(status, body.as_bytes());
+        let r = judge(
+            401,
+            r#"{"error":{"message":"Incorrect API key provided: sk-proj-AbCdEf0123456789abcdefGHIJKL.","type":"invalid_request_error","code":"invalid_api_key"}}"#,
+        );
+        assert!(r.fatal);
+        assert!(
+            r.reason.starts_with(
+                "authentication refused (HTTP 401 invalid_api_key): Incorrect API key provided"
+            ),
+            "{}",
+            r.reason
+        );
+        assert!(!r.reason.contains("AbCdEf0123"), "{}", r.reason);
+        // The code may be in `type` only.
+        assert!(
+            judge(
+                429,
+                r#"{"error":{"message":"quota","type":"insufficient_quota","code":null}}"#
+            )
+            .fatal
+        );
+        assert!(!judge(429, r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#).fatal);
+        assert!(judge(403, "").fatal);
+        let r = judge(502, "<html>\x1b[2J bad\ngateway</html>");
+        assert!(!r.fatal);
+        assert_eq!(
+            r.reason,
+            "HTTP 502 at the WebSocket upgrade: <html> [2J bad gateway</html>"
+        );
+        assert_eq!(judge(500, "").reason, "HTTP 500 at the WebSocket upgrade");
+    }
+
+    #[test]
+    fn the_upgrade_gate_holds_a_refusal_until_its_body_is_in() {
+        let mut gate = UpgradeGate::default();
+        let mut out = [0u8; 4096];
+        gate.take(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 10\r\n\r\n");
+        assert_eq!(gate.release(&mut out), None, "held until the body is in");
+        gate.take(b"0123456789");
+        let head_len = gate.head.as_ref().unwrap().len;
+        // The head but its last byte, then that byte with the whole body.
+        assert_eq!(gate.release(&mut out), Some(head_len - 1));
+        assert_eq!(gate.release(&mut out), Some(11));
+        assert_eq!(&out[1..11], b"0123456789");
+        assert_eq!(gate.release(&mut out), None);
+        assert_eq!(gate.refusal(), Some((429, b"0123456789".to_vec())));
+        // A 101 and the frames after it pass at once.
+        let mut gate = UpgradeGate::default();
+        gate.take(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x02hi");
+        let n = gate.release(&mut out).unwrap();
+        assert!(out[..n].ends_with(b"\x81\x02hi"));
+        assert!(gate.open());
+        // Chunked: complete at the last chunk.
+        assert_eq!(
+            decode_chunked(b"3\r\nabc\r\n2\r\nde\r\n"),
+            (b"abcde".to_vec(), false)
+        );
+        assert_eq!(
+            decode_chunked(b"3\r\nabc\r\n0\r\n\r\n"),
+            (b"abc".to_vec(), true)
+        );
     }
 
     #[test]

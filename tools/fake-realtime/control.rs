@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::script::Script;
-use crate::server::{Command, Reject, Shared, lock};
+use crate::server::{Command, Reject, Shared, lock, refusal_body};
 
 /// How long a connection thread may take to acknowledge (it polls every 20 ms).
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,9 +105,24 @@ pub fn execute(shared: &Shared, command: &Value) -> Value {
                 count.and_then(|c| u32::try_from(c).ok()),
             ) {
                 (Some(status @ 400..=599), Some(count)) => {
+                    // The body: a string as is, any other JSON value serialised; by default
+                    // the real API's body for that status.
+                    let body = match command.get("body") {
+                        None => refusal_body(status).to_string(),
+                        Some(Value::String(text)) => text.clone(),
+                        Some(other) => other.to_string(),
+                    };
+                    let split_ms = command.get("split_ms").and_then(Value::as_u64).unwrap_or(0);
+                    let chunked = command
+                        .get("chunked")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     *lock(&shared.reject) = (count > 0).then_some(Reject {
                         status,
                         remaining: count,
+                        body,
+                        split: Duration::from_millis(split_ms),
+                        chunked,
                     });
                     json!({"ok": true})
                 }
@@ -134,7 +149,7 @@ pub fn execute(shared: &Shared, command: &Value) -> Value {
 
 fn state(shared: &Shared) -> Value {
     let registry = lock(&shared.registry);
-    let pending = lock(&shared.reject).map_or(0, |r| r.remaining);
+    let pending = lock(&shared.reject).as_ref().map_or(0, |r| r.remaining);
     let mut reply = json!({
         "ok": true,
         "connections": registry.total,

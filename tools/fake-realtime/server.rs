@@ -88,10 +88,16 @@ impl Registry {
 }
 
 /// Upgrades to refuse, set by `reject_upgrades`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Reject {
     pub status: u16,
     pub remaining: u32,
+    /// The response body, sent as is.
+    pub body: String,
+    /// A pause between the head and the body (a server whose body comes in a later packet).
+    pub split: Duration,
+    /// `Transfer-Encoding: chunked` (two chunks) instead of `Content-Length`.
+    pub chunked: bool,
 }
 
 /// Everything the threads share.
@@ -209,6 +215,79 @@ pub fn refusal_body(status: u16) -> Value {
     json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
 }
 
+/// Takes one scripted rejection, if any is pending.
+fn take_reject(shared: &Shared) -> Option<Reject> {
+    let mut reject = lock(&shared.reject);
+    let pending = reject.as_mut()?;
+    let taken = pending.clone();
+    pending.remaining = pending.remaining.saturating_sub(1);
+    if pending.remaining == 0 {
+        *reject = None;
+    }
+    lock(&shared.registry).rejected_upgrades += 1;
+    Some(taken)
+}
+
+/// Longest upgrade request head read before a scripted refusal.
+const REQUEST_HEAD_MAX: usize = 16 * 1024;
+
+/// A scripted refusal, written by hand (tungstenite writes head and body in one go, and
+/// only with `Content-Length`): reads the request head, answers `status` with the body,
+/// optionally after a pause or chunked, then closes.
+fn refuse(mut stream: Stream, reject: &Reject) -> io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < REQUEST_HEAD_MAX {
+        match stream.read(&mut buf)? {
+            0 => return Ok(()),
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let reason = tungstenite::http::StatusCode::from_u16(reject.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let framing = if reject.chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {}", reject.body.len())
+    };
+    let response_head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\n{framing}\r\nConnection: close\r\n\r\n",
+        reject.status
+    );
+    let mut body = Vec::new();
+    if reject.chunked {
+        let mid = reject.body.len() / 2;
+        let (a, b) = reject.body.as_bytes().split_at(mid);
+        for part in [a, b].into_iter().filter(|p| !p.is_empty()) {
+            body.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            body.extend_from_slice(part);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        body.extend_from_slice(reject.body.as_bytes());
+    }
+    if reject.split.is_zero() {
+        // One write, as servers usually send a short error.
+        let mut all = response_head.into_bytes();
+        all.extend_from_slice(&body);
+        stream.write_all(&all)?;
+    } else {
+        stream.write_all(response_head.as_bytes())?;
+        stream.flush()?;
+        std::thread::sleep(reject.split);
+        stream.write_all(&body)?;
+    }
+    stream.flush()?;
+    if let Stream::Tls(tls) = &mut stream {
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    }
+    Ok(())
+}
+
 fn refusal(status: u16) -> ErrorResponse {
     let body = refusal_body(status).to_string();
     let built = Response::builder()
@@ -224,8 +303,9 @@ fn refusal(status: u16) -> ErrorResponse {
     })
 }
 
-/// The upgrade decision: scripted rejections first, then the API key, then accept (noting
-/// the model and a beta header, which is refused after the upgrade like the real server).
+/// The upgrade decision (scripted rejections were answered before): the API key, then accept
+/// (noting the model and a beta header, which is refused after the upgrade like the real
+/// server).
 // tungstenite's `Callback` fixes the error type; it is built once per refused upgrade.
 #[allow(clippy::result_large_err)]
 fn decide(
@@ -234,18 +314,6 @@ fn decide(
     response: Response,
     upgrade: &mut Upgrade,
 ) -> Result<Response, ErrorResponse> {
-    {
-        let mut reject = lock(&shared.reject);
-        if let Some(pending) = reject.as_mut() {
-            let status = pending.status;
-            pending.remaining = pending.remaining.saturating_sub(1);
-            if pending.remaining == 0 {
-                *reject = None;
-            }
-            lock(&shared.registry).rejected_upgrades += 1;
-            return Err(refusal(status));
-        }
-    }
     if let Some(key) = &shared.api_key {
         let expected = format!("Bearer {key}");
         let given = request
@@ -295,6 +363,13 @@ fn serve(shared: &Arc<Shared>, tcp: TcpStream) {
         },
         None => Stream::Plain(tcp),
     };
+    if let Some(reject) = take_reject(shared) {
+        match refuse(stream, &reject) {
+            Ok(()) => log::info!("{peer}: upgrade refused with {}", reject.status),
+            Err(e) => log::info!("{peer}: refusing the upgrade failed: {e}"),
+        }
+        return;
+    }
     let mut upgrade = Upgrade::default();
     let callback =
         |request: &Request, response: Response| decide(shared, request, response, &mut upgrade);
