@@ -233,17 +233,16 @@ fn no_secret_an_agent_prints_leaves_walkie() {
         .flat_map(|l| l.messages.iter().copied())
         .collect();
     let file = say_file(w.dir.path(), "secrets.jsonl", &messages);
-    let events = w
+    let mut events = w
         .command(&["ctl", "events", "--json"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut events_lines = BufReader::new(events.stdout.unwrap()).lines();
+    let mut events_lines = BufReader::new(events.stdout.take().unwrap()).lines();
     let first = events_lines.next().unwrap().unwrap();
     assert!(first.contains("subscribed"), "{first}");
     let events_out = std::thread::spawn(move || {
         events_lines
-            .take(4)
             .map_while(Result::ok)
             .collect::<Vec<_>>()
             .join("\n")
@@ -291,7 +290,14 @@ fn no_secret_an_agent_prints_leaves_walkie() {
     ask(&w, &fake, "list", |o| o.get("tasks").is_some());
     w.ctl(&["cancel", "running-leak"]);
     assert_eq!(w.wait_finished("running-leak", T)["state"], "cancelled");
+    let _ = events.kill();
+    let _ = events.wait();
 
+    let events_text = events_out.join().unwrap();
+    assert!(
+        events_text.contains("\"finished\"") && events_text.contains("done-leak"),
+        "{events_text}"
+    );
     let mut places: Vec<(String, String)> = vec![
         (
             "sent to the model (fake-realtime's record)".into(),
@@ -307,7 +313,7 @@ fn no_secret_an_agent_prints_leaves_walkie() {
             std::fs::read_to_string(w.state_file()).unwrap(),
         ),
         ("ctl logs --follow".into(), follow.join().unwrap()),
-        ("ctl events".into(), events_out.join().unwrap()),
+        ("ctl events".into(), events_text),
     ];
     for args in [
         &["tasks"][..],

@@ -764,14 +764,20 @@ const JOIN_TOTAL_MIN: usize = 10;
 /// matched with it (enough for a name and a separator before a key, and the key).
 const JOIN_LOOK: usize = 256;
 
+/// Lines around line breaks, matched again with the breaks (byte ranges) taken out.
+struct JoinWindow {
+    start: usize,
+    end: usize,
+    breaks: Vec<(usize, usize)>,
+}
+
 /// Tokens broken by a line break. The lines around each break that falls between two token
 /// runs (with a digit between them: keys have digits, wrapped prose and code rarely do at a
 /// line end) are matched again with the break taken out; a match that spans a removed break
 /// yields its pieces on each side of it.
 fn scan_joined(text: &str, found: &mut Vec<Found>) {
     let bytes = text.as_bytes();
-    // Windows of the text to match again, each with the breaks to remove inside it.
-    let mut windows: Vec<(Range<usize>, Vec<Range<usize>>)> = Vec::new();
+    let mut windows: Vec<JoinWindow> = Vec::new();
     for (at, _) in text.match_indices('\n') {
         let start = if at > 0 && bytes[at - 1] == b'\r' {
             at - 1
@@ -804,11 +810,15 @@ fn scan_joined(text: &str, found: &mut Vec<Found>) {
         let to = ceil_boundary(text, (at + 1 + JOIN_LOOK).min(text.len()));
         let to = text[at + 1..to].find('\n').map_or(to, |nl| at + 1 + nl);
         match windows.last_mut() {
-            Some((window, breaks)) if window.end >= from => {
+            Some(window) if window.end >= from => {
                 window.end = window.end.max(to);
-                breaks.push(start..at + 1);
+                window.breaks.push((start, at + 1));
             }
-            _ => windows.push((from..to, vec![start..at + 1])),
+            _ => windows.push(JoinWindow {
+                start: from,
+                end: to,
+                breaks: vec![(start, at + 1)],
+            }),
         }
     }
     if windows.is_empty() {
@@ -818,12 +828,13 @@ fn scan_joined(text: &str, found: &mut Vec<Found>) {
     // segments of the original: (joined start, original start, length).
     let mut joined = String::new();
     let mut segments: Vec<(usize, usize, usize)> = Vec::new();
-    for (window, breaks) in &windows {
+    for window in &windows {
         let mut from = window.start;
-        for cut in breaks.iter().chain([window.end..window.end].iter()) {
-            segments.push((joined.len(), from, cut.start - from));
-            joined.push_str(&text[from..cut.start]);
-            from = cut.end;
+        let last = (window.end, window.end);
+        for &(cut_start, cut_end) in window.breaks.iter().chain(std::iter::once(&last)) {
+            segments.push((joined.len(), from, cut_start - from));
+            joined.push_str(&text[from..cut_start]);
+            from = cut_end;
         }
         joined.push_str("\n\n");
     }
@@ -1374,9 +1385,6 @@ fn strip_inline(text: &str) -> String {
     replace(&mut text, &STRIKE, |caps| caps[1].to_owned());
     text.into_owned()
 }
-
-/// At most `max` chars: whole when it fits; else up to the last sentence end (if that keeps
-/// at least half) followed by " …", else up to the last word followed by "…".
 
 /// At most `max` chars: whole when it fits; else up to the last sentence end (if that keeps
 /// at least half) followed by " …", else up to the last word followed by "…". A single word
