@@ -699,23 +699,69 @@ fn is_invisible(c: char) -> bool {
         | '\u{E0000}'..='\u{E0FFF}')
 }
 
+/// The text secrets are matched in: the original without its invisible characters. Spans
+/// found in it are mapped back to the original, which is what is shown (redacted): the
+/// characters are removed for matching only.
+struct Normalized<'a> {
+    text: Cow<'a, str>,
+    /// At each place characters were removed: (offset in `text`, bytes removed up to and
+    /// including there).
+    removed: Vec<(usize, usize)>,
+}
+
+impl Normalized<'_> {
+    /// The same span in the original text; invisible characters inside it go with it.
+    fn original(&self, range: &Range<usize>) -> Range<usize> {
+        let before = |pos: usize, inclusive: bool| {
+            let n = self
+                .removed
+                .partition_point(|&(at, _)| if inclusive { at <= pos } else { at < pos });
+            n.checked_sub(1).map_or(0, |i| self.removed[i].1)
+        };
+        range.start + before(range.start, true)..range.end + before(range.end, false)
+    }
+
+    /// `found` (spans of `text`) as spans of the original.
+    fn to_original(&self, found: &mut [Found]) {
+        if self.removed.is_empty() {
+            return;
+        }
+        for f in found {
+            f.range = self.original(&f.range);
+        }
+    }
+}
+
 /// `text` without invisible characters. A joiner or variation selector right after a
 /// non-ASCII character (inside an emoji sequence) stays: it breaks no key there.
-fn normalize(text: &str) -> Cow<'_, str> {
+fn normalize(text: &str) -> Normalized<'_> {
     if text.is_ascii() || !text.chars().any(is_invisible) {
-        return Cow::Borrowed(text);
+        return Normalized {
+            text: Cow::Borrowed(text),
+            removed: Vec::new(),
+        };
     }
     let mut out = String::with_capacity(text.len());
+    let mut removed: Vec<(usize, usize)> = Vec::new();
+    let mut total = 0;
     let mut previous = ' ';
     for c in text.chars() {
         let emoji_glue = matches!(c, '\u{200D}' | '\u{FE00}'..='\u{FE0F}') && !previous.is_ascii();
         if is_invisible(c) && !emoji_glue {
+            total += c.len_utf8();
+            match removed.last_mut() {
+                Some(last) if last.0 == out.len() => last.1 = total,
+                _ => removed.push((out.len(), total)),
+            }
             continue;
         }
         out.push(c);
         previous = c;
     }
-    Cow::Owned(out)
+    Normalized {
+        text: Cow::Owned(out),
+        removed,
+    }
 }
 
 /// A secret found: where it is, and whether it is one half of a token broken across a line
@@ -941,8 +987,8 @@ pub fn warm_up() {
     );
 }
 
-/// `text` with every recognised secret replaced by [`REDACTED`], and invisible characters
-/// removed; labels around a secret (header names, variable names, URL user and host,
+/// `text` with every recognised secret replaced by [`REDACTED`] (matched with invisible
+/// characters left out, so one inside a key does not hide it); labels around a secret (header names, variable names, URL user and host,
 /// quotes) are kept so the text still reads.
 pub fn redact(text: &str) -> String {
     redact_with(text, std::iter::empty())
@@ -950,14 +996,16 @@ pub fn redact(text: &str) -> String {
 
 /// [`redact`], also redacting every occurrence of the remembered `pieces`.
 fn redact_with<'a>(text: &str, pieces: impl IntoIterator<Item = &'a String>) -> String {
-    let text = normalize(text);
+    let normal = normalize(text);
+    let view = &*normal.text;
     let mut found = Vec::new();
-    scan(&text, &mut found);
+    scan(view, &mut found);
     // A half of a broken key may appear again whole elsewhere in the same text.
-    let own: Vec<String> = pieces_of(&text, &found).map(str::to_owned).collect();
-    find_pieces(&text, &own, &mut found);
-    find_pieces(&text, pieces, &mut found);
-    apply(&text, &mut found)
+    let own: Vec<String> = pieces_of(view, &found).map(str::to_owned).collect();
+    find_pieces(view, &own, &mut found);
+    find_pieces(view, pieces, &mut found);
+    normal.to_original(&mut found);
+    apply(text, &mut found)
 }
 
 /// A window of agent output that may begin in the middle of it (the tail kept in memory,
@@ -965,18 +1013,20 @@ fn redact_with<'a>(text: &str, pieces: impl IntoIterator<Item = &'a String>) -> 
 /// secret: a first word that could be the end of a key, and the rest of a private key whose
 /// BEGIN line fell before the window.
 pub fn redact_log(text: &str) -> String {
-    let text = normalize(text);
+    let normal = normalize(text);
+    let view = &*normal.text;
     let mut found = Vec::new();
-    scan(&text, &mut found);
-    let own: Vec<String> = pieces_of(&text, &found).map(str::to_owned).collect();
-    find_pieces(&text, &own, &mut found);
-    if let Some(range) = cut_off_start(&text) {
+    scan(view, &mut found);
+    let own: Vec<String> = pieces_of(view, &found).map(str::to_owned).collect();
+    find_pieces(view, &own, &mut found);
+    if let Some(range) = cut_off_start(view) {
         found.push(Found {
             range,
             piece: false,
         });
     }
-    apply(&text, &mut found)
+    normal.to_original(&mut found);
+    apply(text, &mut found)
 }
 
 /// What a window's start may have cut off: the body of a private key (only base64 lines up
@@ -1002,7 +1052,7 @@ fn cut_off_start(text: &str) -> Option<Range<usize>> {
 /// are redacted wherever they appear in `text`, so the half of a key that is the whole of the
 /// last message does not reach the summary.
 pub fn scrub(text: &str, context: &str) -> String {
-    let context = normalize(context);
+    let context = normalize(context).text;
     let mut found = Vec::new();
     scan_joined(&context, &mut found);
     let pieces: Vec<String> = pieces_of(&context, &found).map(str::to_owned).collect();
@@ -1053,19 +1103,19 @@ impl OutputRedactor {
     /// A redactor for the pieces that follow `before` (what was already shown, unredacted).
     pub fn after(before: &str) -> OutputRedactor {
         let mut redactor = OutputRedactor::new();
-        let before = normalize(before);
+        let before = normalize(before).text;
         redactor.note_private_key(&before);
         redactor.keep_carry(&before);
         redactor
     }
 
     /// The redacted form of the next piece of output.
-    pub fn redact_piece(&mut self, piece: &str) -> String {
-        let piece = normalize(piece);
-        let mut context = String::with_capacity(self.carry.len() + piece.len());
+    pub fn redact_piece(&mut self, original: &str) -> String {
+        let normal = normalize(original);
+        let mut context = String::with_capacity(self.carry.len() + normal.text.len());
         context.push_str(&self.carry);
         let offset = context.len();
-        context.push_str(&piece);
+        context.push_str(&normal.text);
         let mut found = Vec::new();
         if self.in_private_key {
             let end = PEM_END.find(&context[offset..]).map(|m| offset + m.end());
@@ -1100,7 +1150,8 @@ impl OutputRedactor {
                 piece: false,
             })
             .collect();
-        let out = apply(&context[offset..], &mut mine);
+        normal.to_original(&mut mine);
+        let out = apply(original, &mut mine);
         self.note_private_key(&context[offset..]);
         self.keep_carry(&context[offset..]);
         out
@@ -2000,8 +2051,17 @@ mod tests {
             let text = format!("key sk-proj-Ab3dEfGh1jKl{breaker}MnOpQrStUvWxYz0123456789 ok");
             assert_eq!(redact(&text), "key [redacted] ok", "{breaker:?}");
         }
-        // Emoji sequences keep their joiners; other text is unchanged.
-        assert_untouched("family 👨\u{200D}👩\u{200D}👧 and ❤\u{FE0F} — café");
+        // Outside a secret they stay: only the matching leaves them out.
+        assert_untouched("family 👨\u{200D}👩\u{200D}👧 and ❤\u{FE0F} — café \u{202E}x\u{200B}y");
+        assert_eq!(
+            redact("\u{200B}a DB_PASSWORD=hun\u{200B}ter2 \u{200B}b\u{200B}"),
+            "\u{200B}a DB_PASSWORD=[redacted] \u{200B}b\u{200B}"
+        );
+        let mut r = OutputRedactor::new();
+        assert_eq!(
+            r.redact_piece("\u{202E}x key sk-proj-Ab3dEfGh1jKl\u{200B}MnOpQrStUvWxYz0123456789\n"),
+            "\u{202E}x key [redacted]\n"
+        );
     }
 
     #[test]
