@@ -1104,3 +1104,40 @@ fn an_agent_killed_for_memory_fails_with_out_of_memory() {
         "{t}"
     );
 }
+
+#[test]
+fn doctor_says_which_containment_and_why() {
+    let mut w = Walkie::new();
+    let line = |w: &Walkie| {
+        let out = w.run_cmd(&["doctor"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.contains("containment:"))
+            .unwrap_or_else(|| panic!("no containment line:\n{text}"))
+            .to_string()
+    };
+    // No daemon: what one started now would get, found without creating anything.
+    let before = line(&w);
+    if cgroups_usable() {
+        assert!(before.contains("a cgroup per task in "), "{before}");
+    } else {
+        assert!(before.contains("/proc scan"), "{before}");
+    }
+    w.write_config(&with_containment(&w, "scan", "memory_max = \"1G\""));
+    let scan = line(&w);
+    assert!(
+        scan.contains("/proc scan") && scan.contains("agent.containment is \"scan\""),
+        "{scan}"
+    );
+    assert!(scan.contains("agent.memory_max will not apply"), "{scan}");
+    // A running daemon is asked, and its reason told.
+    w.write_config(&w.default_config(""));
+    w.start();
+    let running = line(&w);
+    let status = w.ctl_json(&["status"])["containment"].clone();
+    assert!(running.contains("(the running daemon)"), "{running}");
+    assert!(
+        running.contains(status["reason"].as_str().unwrap()),
+        "{running} / {status}"
+    );
+}
