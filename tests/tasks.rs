@@ -1141,3 +1141,30 @@ fn doctor_says_which_containment_and_why() {
         "{running} / {status}"
     );
 }
+
+#[test]
+fn a_cgroup_subtree_removed_under_walkie_is_made_again() {
+    if !cgroups_usable() {
+        eprintln!("walkie cannot create cgroups here: nothing to remove");
+        return;
+    }
+    let mut w = Walkie::new();
+    w.start();
+    let base = std::path::PathBuf::from(
+        w.ctl_json(&["status"])["containment"]["path"]
+            .as_str()
+            .unwrap(),
+    );
+    if !base
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("walkie-")
+    {
+        return; // walkie owns its cgroup (a unit): it cannot be removed under it
+    }
+    std::fs::remove_dir(&base).unwrap();
+    let name = w.start_task(&["@sleep=0"]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+    assert!(base.is_dir());
+}

@@ -275,7 +275,14 @@ impl Cgroups {
     /// controller is enabled, and opens its `cgroup.procs` for the child to move itself in.
     pub fn create_task(&self, id: &str, memory_max: Option<u64>) -> io::Result<(PathBuf, OwnedFd)> {
         let dir = self.task_dir(id);
-        match fs::create_dir(&dir) {
+        let created = match fs::create_dir(&dir) {
+            // walkie's subtree was removed under it (by hand, a cleanup script): again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&self.base).and_then(|()| fs::create_dir(&dir))
+            }
+            other => other,
+        };
+        match created {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
