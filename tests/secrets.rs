@@ -258,10 +258,12 @@ fn no_secret_an_agent_prints_leaves_walkie() {
             .spawn()
             .unwrap(),
     );
-    assert!(wait_until(T, || w
-        .ctl(&["logs", "running-leak"])
-        .1
-        .contains("Saved.")));
+    // The output of a running task (its tail in memory), as `ctl logs` shows it.
+    let mut running_logs = String::new();
+    assert!(wait_until(T, || {
+        running_logs = w.ctl(&["logs", "running-leak"]).1;
+        running_logs.contains("Saved.")
+    }));
     let status = ask(&w, &fake, "running-leak", |o| {
         o.get("recent_output").is_some()
     });
@@ -314,6 +316,7 @@ fn no_secret_an_agent_prints_leaves_walkie() {
         ),
         ("ctl logs --follow".into(), follow.join().unwrap()),
         ("ctl events".into(), events_text),
+        ("ctl logs of the running task".into(), running_logs),
     ];
     for args in [
         &["tasks"][..],
