@@ -44,6 +44,13 @@ pub enum PlaybackTarget {
     Wav(Option<PathBuf>),
 }
 
+/// How often a parked thread asks its device whether it is still there. A sound card
+/// unplugged or unbound while nothing plays would otherwise keep its stale handle open until
+/// the next answer: `walkie ctl status` says "ok" for a speaker that is gone, and the kernel
+/// cannot free a card whose files are open (unbinding it blocks). Seen in the kernel tests'
+/// guest (tests/kernel). Rare enough that the idle thread stays asleep almost always.
+const PARKED_CHECK: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// A sample louder than this makes its period audible (about -54 dBFS).
 const AUDIBLE_LEVEL: u16 = 64;
 
@@ -367,9 +374,16 @@ impl PlaybackWorker {
             {
                 break;
             }
-            match until {
-                Some(u) => std::thread::park_timeout(std::time::Duration::from_nanos(u - now)),
-                None => std::thread::park(),
+            let wait = until.map_or(PARKED_CHECK, |u| {
+                std::time::Duration::from_nanos(u - now).min(PARKED_CHECK)
+            });
+            std::thread::park_timeout(wait);
+            // A card that went away while nothing played: let go of it now, not at the
+            // next answer (see PARKED_CHECK).
+            if let Err(errno) = dev.avail()
+                && let Recovery::Gone(errno) = recover(dev, errno, &shared.playback)
+            {
+                return Some(Exit::Gone(errno));
             }
         }
         shared
