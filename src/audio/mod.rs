@@ -115,6 +115,8 @@ pub struct DeviceStatus {
     pub device: String,
     /// Why it failed, while it is failed.
     pub error: Option<String>,
+    /// Overruns (capture) or underruns (playback) recovered from since start.
+    pub xruns: u64,
 }
 
 /// The audio engine in `walkie ctl status`.
@@ -252,7 +254,7 @@ struct DevCache {
 }
 
 impl DevCache {
-    fn status(&self) -> DeviceStatus {
+    fn status(&self, xruns: u64) -> DeviceStatus {
         DeviceStatus {
             state: match self.state {
                 DevState::Opening => "opening",
@@ -261,6 +263,7 @@ impl DevCache {
             },
             device: self.device.clone(),
             error: self.error.clone(),
+            xruns,
         }
     }
 }
@@ -471,6 +474,7 @@ impl Audio {
                     state: "disabled",
                     device: String::new(),
                     error: None,
+                    xruns: 0,
                 };
                 return AudioStatus {
                     state: "disabled",
@@ -483,8 +487,13 @@ impl Audio {
             }
             Inner::Running(e) => e,
         };
-        let capture = engine.capture.status();
-        let playback = engine.playback.status();
+        let s = &engine.shared;
+        let capture = engine
+            .capture
+            .status(s.capture.xruns.load(Ordering::Relaxed));
+        let playback = engine
+            .playback
+            .status(s.playback.xruns.load(Ordering::Relaxed));
         let states = [engine.capture.state, engine.playback.state];
         let state = if states.contains(&DevState::Failed) {
             "failed"
@@ -499,16 +508,14 @@ impl Audio {
             (None, Some(p)) => Some(format!("playback: {p}")),
             (None, None) => None,
         };
-        let s = &engine.shared;
         AudioStatus {
             state,
             error,
-            capture,
-            playback,
             rt: s.capture.realtime.load(Ordering::Relaxed)
                 && s.playback.realtime.load(Ordering::Relaxed),
-            xruns: s.capture.xruns.load(Ordering::Relaxed)
-                + s.playback.xruns.load(Ordering::Relaxed),
+            xruns: capture.xruns + playback.xruns,
+            capture,
+            playback,
         }
     }
 
