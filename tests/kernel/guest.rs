@@ -8,6 +8,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::common::{FakeRealtime, Walkie};
+use crate::wire::WireTap;
 
 /// Patience for anything that should happen soon (software emulation is 3–10× slower).
 pub const T: Duration = Duration::from_secs(30);
@@ -20,10 +21,27 @@ pub fn pattern(n: usize) -> i16 {
     (k - 15_005 + i32::from(k >= 15_005)) as i16
 }
 
-/// A distinctive "speech" the fake model answers with (no zero, no repeat within it).
+/// Where in the pattern `sample` sits (the inverse of [`pattern`]).
+pub fn pattern_index(sample: i16) -> Option<usize> {
+    let s = i32::from(sample);
+    let k = match s {
+        -15_005..=-1 => s + 15_005,
+        1..=15_006 => s + 15_004,
+        _ => return None,
+    };
+    Some(k as usize)
+}
+
+/// A distinctive "speech" the fake model answers with: no zero (silence is never part of
+/// it) and no stretch that repeats (any 2 ms of it says where in the answer it is).
 pub fn speech(frames: usize) -> Vec<i16> {
-    (0..frames)
-        .map(|i| -(((i * 13) % 15_000) as i16) - 1)
+    (0..frames as u64)
+        .map(|i| {
+            let mut x = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            x ^= x >> 29;
+            let v = (x % 30_000) as i16 + 1;
+            if x & (1 << 40) != 0 { -v } else { v }
+        })
         .collect()
 }
 
@@ -52,6 +70,7 @@ pub fn write_wav(path: &Path, rate: u32, samples: &[i16]) {
 pub struct Guest {
     pub w: Walkie,
     pub fake: FakeRealtime,
+    pub tap: Option<WireTap>,
 }
 
 /// What the guest walkie is configured with, beside the link and the fake agent.
@@ -62,7 +81,13 @@ pub struct Setup<'a> {
     pub button: &'a str,
     /// The model's spoken answer.
     pub reply_frames: usize,
+    /// Its WAV instead (24 kHz mono), if given.
+    pub reply: Option<Vec<i16>>,
     pub fake_args: &'a [&'a str],
+    /// Put a [`WireTap`] between walkie and the server.
+    pub tap: bool,
+    /// Wait for the audio devices to be open before the test goes on.
+    pub wait_audio: bool,
 }
 
 impl Default for Setup<'_> {
@@ -71,7 +96,10 @@ impl Default for Setup<'_> {
             audio: None,
             button: "device = \"none\"",
             reply_frames: 2400,
+            reply: None,
             fake_args: &[],
+            tap: false,
+            wait_audio: true,
         }
     }
 }
@@ -80,7 +108,8 @@ impl Guest {
     pub fn start(setup: Setup<'_>) -> Guest {
         let mut w = Walkie::new();
         let dir = w.dir.path().to_path_buf();
-        write_wav(&dir.join("reply.wav"), 24_000, &speech(setup.reply_frames));
+        let reply = setup.reply.unwrap_or_else(|| speech(setup.reply_frames));
+        write_wav(&dir.join("reply.wav"), 24_000, &reply);
         let script = json!({
             "default": {"say": "Here is my answer.", "wav": "reply.wav"},
             "on_system": {"say": "A task finished.", "wav": "reply.wav"},
@@ -104,18 +133,23 @@ impl Guest {
                 )
             }
         };
-        let config = w.realtime_config(&fake, "", "").replace(
+        let tap = setup.tap.then(|| WireTap::start(&fake.url));
+        let mut config = w.realtime_config(&fake, "", "");
+        if let Some(tap) = &tap {
+            config = config.replace(&fake.url, &tap.url);
+        }
+        let config = config.replace(
             "[audio]\nbackend = \"none\"\n[button]\ndevice = \"none\"\n",
             &format!("[audio]\n{audio}\n[button]\n{}\n", setup.button),
         );
         assert!(config.contains(setup.button), "config template changed");
         w.write_config(&config);
         w.start();
-        let g = Guest { w, fake };
+        let g = Guest { w, fake, tap };
         g.wait_status("the link up and the audio devices open", |st| {
             st["link"] == "connected"
                 && st["conversation"]["session_ready"] == true
-                && st["audio"]["state"] == "ok"
+                && (!setup.wait_audio || st["audio"]["state"] == "ok")
         });
         g
     }
@@ -137,6 +171,26 @@ impl Guest {
         });
         assert!(ok, "status never showed {what}: {st}\n{}", self.w.log());
         st
+    }
+
+    /// A control request on the socket; panics unless it is answered `ok`.
+    pub fn request(&self, request: Value) -> Value {
+        let reply = self.w.raw_request(format!("{request}\n").as_bytes());
+        assert_eq!(reply["ok"], true, "{request} → {reply}");
+        reply
+    }
+
+    /// `walkie ctl press`, `release` and `say`, straight on the socket.
+    pub fn press(&self) {
+        self.request(json!({"cmd": "press"}));
+    }
+
+    pub fn release(&self) {
+        self.request(json!({"cmd": "release"}));
+    }
+
+    pub fn say(&self, text: &str) {
+        self.request(json!({"cmd": "say", "text": text}));
     }
 
     /// Client events of one type received so far.

@@ -19,7 +19,10 @@ macro_rules! kernel_test {
     };
 }
 
+mod audio;
 mod button;
 mod guest;
+mod sound;
 mod uinput;
 mod vm;
+mod wire;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -23,6 +23,12 @@ use serde_json::{Value, json};
 const BOOT_LIMIT_S: u64 = 420;
 /// Set in the guest to the share's path.
 const GUEST_ENV: &str = "WALKIE_KERNEL_GUEST";
+/// Set in the guest to the group a test process runs (its files in the share are its own).
+const GROUP_ENV: &str = "WALKIE_KERNEL_GROUP";
+/// The groups run side by side in the guest, one test at a time within each: the button
+/// tests (uinput devices) and the audio tests (the loopback card) do not share a device.
+/// The audio tests' own button uses a key the button tests never look for.
+const GROUPS: [&str; 2] = ["button", "audio"];
 
 /// Runs kernel test `name`: its body in the guest, its guest result on the host.
 pub fn run(name: &str, body: impl FnOnce()) {
@@ -30,6 +36,24 @@ pub fn run(name: &str, body: impl FnOnce()) {
         Some(share) => in_guest(Path::new(&share), name, body),
         None => on_host(name),
     }
+}
+
+/// The share directory, in the guest.
+pub fn share() -> PathBuf {
+    PathBuf::from(std::env::var_os(GUEST_ENV).expect("only in the guest"))
+}
+
+/// Records a measurement (guest side) for the host to print and the docs to quote.
+pub fn report(test: &str, figures: Value) {
+    append(
+        &share().join(format!("measurements-{}.jsonl", group())),
+        &json!({"test": test, "figures": figures}),
+    );
+}
+
+/// This process's group of tests, in the guest.
+fn group() -> String {
+    std::env::var(GROUP_ENV).unwrap_or_else(|_| "all".into())
 }
 
 fn append(path: &Path, line: &Value) {
@@ -54,7 +78,7 @@ fn in_guest(share: &Path, name: &str, body: impl FnOnce()) {
             .unwrap_or_else(|| "panicked".into())
     });
     append(
-        &share.join("results.jsonl"),
+        &share.join(format!("results-{}.jsonl", group())),
         &json!({"test": name, "ok": error.is_none(), "ms": ms, "error": error}),
     );
     eprintln!("=== kernel test {name}: end ({ms} ms)");
@@ -194,16 +218,34 @@ fn boot() -> Result<GuestRun, String> {
     std::fs::create_dir_all(&share).map_err(|e| format!("{}: {e}", share.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("no path to this test binary: {e}"))?;
     let args: Vec<String> = forwarded_args().iter().map(|a| shell_quote(a)).collect();
-    let script = format!(
+    // One test process per group, side by side; the script's status is the worst of them.
+    let quoted_share = shell_quote(&share.display().to_string());
+    let mut script = format!(
         "cd {repo}\n\
          export HOME=/tmp LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
-         export {GUEST_ENV}={share} WALKIE_FAKES_BUILT=1 RUST_BACKTRACE=0\n\
-         exec {exe} --test-threads=1 --nocapture {args}\n",
+         export {GUEST_ENV}={quoted_share} WALKIE_FAKES_BUILT=1 RUST_BACKTRACE=0\n\
+         share={quoted_share}\n",
         repo = shell_quote(&repo.display().to_string()),
-        share = shell_quote(&share.display().to_string()),
-        exe = shell_quote(&exe.display().to_string()),
-        args = args.join(" "),
     );
+    for group in GROUPS {
+        let skips: Vec<String> = GROUPS
+            .iter()
+            .filter(|g| **g != group)
+            .map(|g| format!("--skip {g}::"))
+            .collect();
+        script.push_str(&format!(
+            "{{ {GROUP_ENV}={group} {exe} --test-threads=1 --nocapture {skips} {args} \
+             > \"$share/console-{group}.log\" 2>&1; echo $? > \"$share/status-{group}\"; }} &\n",
+            exe = shell_quote(&exe.display().to_string()),
+            skips = skips.join(" "),
+            args = args.join(" "),
+        ));
+    }
+    script.push_str(&format!(
+        "wait\nworst=0\nfor g in {}; do\n  s=$(cat \"$share/status-$g\" 2>/dev/null || echo 125)\n  \
+         [ \"$s\" -gt \"$worst\" ] && worst=$s\ndone\nexit $worst\n",
+        GROUPS.join(" ")
+    ));
     std::fs::write(share.join("run"), script).map_err(|e| e.to_string())?;
 
     let started = Instant::now();
@@ -224,21 +266,30 @@ fn boot() -> Result<GuestRun, String> {
         Some(127) => return Err(stderr),
         code => Some(format!("the guest's run ended with {code:?}: {stderr}")),
     };
-    let console = std::fs::read_to_string(share.join("console.log")).unwrap_or_default();
-    let results: HashMap<String, GuestResult> =
-        std::fs::read_to_string(share.join("results.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| {
-                let r = GuestResult {
-                    ok: v["ok"] == true,
-                    ms: v["ms"].as_u64().unwrap_or(0),
-                    error: v["error"].as_str().unwrap_or("").to_string(),
-                };
-                (v["test"].as_str().unwrap_or("").to_string(), r)
+    let read_all = |prefix: &str, ext: &str| -> String {
+        GROUPS
+            .iter()
+            .map(|g| {
+                std::fs::read_to_string(share.join(format!("{prefix}-{g}.{ext}")))
+                    .unwrap_or_default()
             })
-            .collect();
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let console = std::fs::read_to_string(share.join("console.log")).unwrap_or_default()
+        + &read_all("console", "log");
+    let results: HashMap<String, GuestResult> = read_all("results", "jsonl")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| {
+            let r = GuestResult {
+                ok: v["ok"] == true,
+                ms: v["ms"].as_u64().unwrap_or(0),
+                error: v["error"].as_str().unwrap_or("").to_string(),
+            };
+            (v["test"].as_str().unwrap_or("").to_string(), r)
+        })
+        .collect();
     if results.is_empty() && problem.is_some() {
         return Err(format!(
             "{}\n--- the end of the guest's output ---\n{}",
@@ -246,15 +297,14 @@ fn boot() -> Result<GuestRun, String> {
             tail(&console, 60)
         ));
     }
-    let measurements = std::fs::read_to_string(share.join("measurements.jsonl"))
-        .unwrap_or_default()
+    let measurements = read_all("measurements", "jsonl")
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     eprintln!(
-        "kernel tests: one guest boot ran {} test(s) in {seconds:.1} s; its output: {}",
+        "kernel tests: one guest boot ran {} test(s) in {seconds:.1} s; its output: {}/console-*.log",
         results.len(),
-        share.join("console.log").display()
+        share.display()
     );
     Ok(GuestRun {
         results,
