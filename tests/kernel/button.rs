@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::guest::poll;
 use crate::guest::{Guest, Setup, T, hold};
-use crate::uinput::{KEY_1, KEY_F13, LETTERS, Reader, VirtualDevice};
+use crate::uinput::{KEY_1, KEY_F13, KEY_F15, LETTERS, Reader, VirtualDevice};
 
 /// qemu's i8042 keyboard: always `event0`, and its key table lists KEY_F13.
 const AT_KEYBOARD: &str = "AT Translated Set 2 keyboard";
@@ -410,6 +410,50 @@ kernel_test! {
         assert!(
             text.contains(&format!("the running walkie reads {node} (\"walkie listed switch\") [ok]: auto: ")),
             "{text}"
+        );
+    }
+}
+
+kernel_test! {
+    fn walkie_button_learn_names_the_key_pressed_on_a_real_device() {
+        // The device to find, beside qemu's keyboard. A directory of links to the two (the
+        // audio tests' switch, in the other group, may be pressed meanwhile).
+        let pad = VirtualDevice::create("walkie learn pad", &[KEY_F15, KEY_1], true);
+        let w = crate::common::Walkie::new();
+        let dir = w.path("input");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/dev/input/event0", dir.join("event0")).unwrap();
+        let pad_link = dir.join(pad.node.file_name().unwrap());
+        std::os::unix::fs::symlink(&pad.node, &pad_link).unwrap();
+        let mut child = w
+            .command(&["button", "learn", "--dir", dir.to_str().unwrap(), "--timeout", "30"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut prompt = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut prompt).unwrap();
+        assert!(
+            prompt.starts_with("press the key you want to use (2 device(s) listening"),
+            "{prompt}"
+        );
+        // F15 held: the kernel repeats it, and learn takes the press.
+        pad.key(KEY_F15, 1);
+        hold(400);
+        pad.key(KEY_F15, 0);
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}");
+        let node = pad_link.display();
+        assert_eq!(
+            stdout,
+            format!(
+                "pressed KEY_F15 (code 185) on {node} (walkie learn pad)\n\
+                 put these two lines under [button] in {}:\n\
+                 device = \"{node}\"\nkey = \"KEY_F15\"\n",
+                w.config_path().display()
+            )
         );
     }
 }

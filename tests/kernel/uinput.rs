@@ -16,6 +16,7 @@ pub const EV_KEY: u16 = 0x01;
 pub const EV_REP: u16 = 0x14;
 pub const SYN_REPORT: u16 = 0;
 pub const KEY_F13: u16 = 183;
+pub const KEY_F15: u16 = 185;
 pub const KEY_1: u16 = 2;
 /// The letter keys A–Z: with them a device is a full keyboard.
 pub const LETTERS: [u16; 26] = [
