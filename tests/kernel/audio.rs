@@ -402,10 +402,6 @@ kernel_test! {
         // Measured, not asserted: from the key going down to the first silent frame.
         let silent = speaker.time_of(got.end as u64).unwrap();
         let to_silence_ms = silent.saturating_duration_since(pressed).as_secs_f64() * 1000.0;
-        crate::vm::report(
-            "a_press_during_the_answer_silences_the_card_where_the_truncation_says",
-            json!({"button_to_silence_ms": to_silence_ms, "played_ms": played_ms, "audio_end_ms": end_ms, "xruns": allowed}),
-        );
         // walkie takes the truncation point when it sees the press: the speech it has handed
         // the device by then. The card then plays on until the drop takes effect (the
         // button→silence time just measured) and never plays what was still in the device
@@ -421,6 +417,45 @@ kernel_test! {
         assert!(
             recorded[got.end..next_answer].iter().all(|&s| s == 0),
             "sound after the cut ({allowed} xrun(s))"
+        );
+
+        // More presses into answers, for the measurement only.
+        let mut latencies = vec![to_silence_ms];
+        let mut from = next_answer.min(got.end);
+        for round in 2..=6 {
+            if g.status()["conversation"]["playing"] == true {
+                g.wait_status("quiet", |st| st["conversation"]["playing"] == false);
+            }
+            g.say("and then?");
+            g.wait_status("the answer playing", |st| st["conversation"]["playing"] == true);
+            hold(800);
+            let pressed = Instant::now();
+            key.key(KEY_F14, 1);
+            hold(40);
+            key.key(KEY_F14, 0);
+            g.wait_count("conversation.item.truncate", round);
+            hold(300);
+            let recorded = speaker.samples();
+            let Some(start) = find(&recorded[from..], &reply[..2400]).map(|k| from + k) else {
+                continue;
+            };
+            let next = start
+                + 2400
+                + find(&recorded[start + 2400..], &reply[..2400])
+                    .unwrap_or(recorded.len() - start - 2400);
+            let cut = follow(&recorded[..next], start, &reply).end;
+            if let Some(silent) = speaker.time_of(cut as u64) {
+                latencies.push(silent.saturating_duration_since(pressed).as_secs_f64() * 1000.0);
+            }
+            from = cut;
+        }
+        crate::vm::report(
+            "a_press_during_the_answer_silences_the_card_where_the_truncation_says",
+            json!({
+                "button_to_silence_ms": spread(&mut latencies),
+                "first": {"played_ms": played_ms, "audio_end_ms": end_ms},
+                "playback_xruns": xruns(&g, PLAYBACK) + speaker.xruns() - before,
+            }),
         );
     }
 }
