@@ -90,7 +90,8 @@ pub fn check_size(meta: &Metadata, limit: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn check_regular(meta: &Metadata) -> Result<(), Refused> {
+/// Refuses anything but a regular file (a FIFO, a device, a directory), naming what it is.
+pub fn check_regular(meta: &Metadata) -> Result<(), Refused> {
     let kind = meta.file_type();
     let what = if kind.is_file() {
         return Ok(());

@@ -459,6 +459,46 @@ fn the_button_fifo_closing_and_reappearing_is_reopened() {
 }
 
 #[test]
+fn a_fifo_as_the_wav_microphone_or_speaker_is_refused_and_the_rest_works() {
+    let mut w = Walkie::new();
+    let dir = w.dir.path().to_owned();
+    let (mic, speaker) = (dir.join("mic.wav"), dir.join("out.wav"));
+    for fifo in [&mic, &speaker] {
+        nix::unistd::mkfifo(fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+    w.write_config(&w.default_config("").replace(
+        "[audio]\nbackend = \"none\"\n",
+        &format!(
+            "[audio]\nbackend = \"wav\"\ninput_wav = \"{}\"\noutput_wav = \"{}\"\n",
+            mic.display(),
+            speaker.display()
+        ),
+    ));
+    w.start();
+    let mut st = Value::Null;
+    // Opening either FIFO would have blocked its audio thread for good.
+    assert!(
+        wait_until(T, || {
+            st = w.ctl_json(&["status"]);
+            st["audio"]["capture"]["state"] == "failed"
+                && st["audio"]["playback"]["state"] == "failed"
+        }),
+        "{st}"
+    );
+    let (_, out, _) = w.ctl(&["status"]);
+    assert!(out.contains("mic.wav") && out.contains("FIFO"), "{out}");
+    let name = w.start_task(&["@sleep=0.2"]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        w.wait_exit(T),
+        Some(0),
+        "walkie stops on SIGTERM: {}",
+        w.log()
+    );
+}
+
+#[test]
 fn a_capture_device_that_fails_leaves_everything_else_working() {
     let mut w = Walkie::new();
     w.use_test_alsa();

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::voice::SAMPLE_RATE;
@@ -48,8 +48,10 @@ const WAVE_FORMAT_EXTENSIBLE: u16 = 0xFFFE;
 
 /// Reads `path` and converts it to 24 kHz mono s16 (channels averaged, rate converted by
 /// linear interpolation).
+/// Only a regular file of at most [`MAX_WAV_FILE`] is read: a FIFO would block the open or
+/// the read, and `/dev/zero` never ends.
 pub fn read_wav(path: &Path) -> Result<(WavFormat, Vec<i16>), WavError> {
-    let bytes = std::fs::read(path).map_err(|source| WavError::Io {
+    let bytes = crate::files::read_capped(path, MAX_WAV_FILE).map_err(|source| WavError::Io {
         path: path.to_owned(),
         source,
     })?;
@@ -64,6 +66,10 @@ pub fn read_wav(path: &Path) -> Result<(WavFormat, Vec<i16>), WavError> {
         },
     })
 }
+
+/// The largest WAV file [`read_wav`] reads: 256 MiB, 45 minutes of 48 kHz stereo s16 (a
+/// file to play into the microphone, not an archive).
+pub const MAX_WAV_FILE: u64 = 256 << 20;
 
 /// [`read_wav`] without the file: errors carry no path.
 #[derive(Debug, PartialEq)]
@@ -242,9 +248,23 @@ pub struct WavWriter {
 }
 
 impl WavWriter {
-    /// Creates (truncates) `path` and writes a header for an empty data chunk.
+    /// Creates (truncates) `path` and writes a header for an empty data chunk. What is
+    /// there already must be a regular file: a FIFO would block the open or every write,
+    /// a device would take the audio somewhere else. A new file is private (0600): it holds
+    /// what was said.
     pub fn create(path: &Path) -> io::Result<WavWriter> {
-        let mut file = File::create(path)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            crate::files::check_regular(&meta)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(path)?;
+        // The check that counts is on what was opened: the path may have changed meanwhile.
+        crate::files::check_regular(&file.metadata()?)?;
         file.write_all(&header(0))?;
         Ok(WavWriter {
             file,
@@ -376,6 +396,42 @@ mod tests {
         let mut no_data = wav_image(1, 1, 24_000, 16, &[]);
         no_data.truncate(36);
         assert!(matches!(decode(&no_data), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("mic.wav");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A FIFO with no writer would block the open (and a writer that never ends the read).
+        let error = read_wav(&fifo).expect_err("a FIFO is refused").to_string();
+        assert!(error.contains("FIFO"), "{error}");
+        let error = read_wav(Path::new("/dev/zero"))
+            .expect_err("a device is refused")
+            .to_string();
+        assert!(error.contains("/dev/zero"), "{error}");
+        let big = dir.path().join("big.wav");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_WAV_FILE + 1)
+            .unwrap();
+        let error = read_wav(&big).expect_err("too large").to_string();
+        assert!(error.contains("big.wav"), "{error}");
+    }
+
+    #[test]
+    fn the_writer_refuses_a_fifo_and_makes_a_private_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("out.wav");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let error = WavWriter::create(&fifo).expect_err("a FIFO is refused");
+        assert!(error.to_string().contains("FIFO"), "{error}");
+        let path = dir.path().join("new.wav");
+        // Not the usual 0644 of a new file: what was said stays private.
+        WavWriter::create(&path).expect("create");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
