@@ -562,6 +562,44 @@ cancel_grace_ms = 1000
     }
 }
 
+impl Walkie {
+    /// A daemon that was SIGKILLed (on purpose, or at the end of a test that ran out of
+    /// time) leaves its `walkie-<hash>` cgroup subtree for the next start with the same
+    /// state directory — which, for a test's temporary one, never comes. What it left is
+    /// killed and removed here, found from the containment line of the log.
+    fn remove_own_cgroups(&self) {
+        let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        let mut bases: Vec<PathBuf> = log
+            .lines()
+            .filter_map(|l| l.split_once("containment: each task in its own cgroup under "))
+            .filter_map(|(_, rest)| rest.split_once(" (").map(|(p, _)| PathBuf::from(p)))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("walkie-"))
+            })
+            .collect();
+        bases.dedup();
+        for base in bases {
+            let Ok(dir) = std::fs::read_dir(&base) else {
+                continue;
+            };
+            let tasks: Vec<PathBuf> = dir
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("cgroup.procs").exists())
+                .collect();
+            for task in &tasks {
+                let _ = std::fs::write(task.join("cgroup.kill"), "1");
+            }
+            for task in &tasks {
+                // cgroup.kill is asynchronous: the directory empties once its processes died.
+                wait_until(Duration::from_secs(2), || std::fs::remove_dir(task).is_ok());
+            }
+            let _ = std::fs::remove_dir(&base);
+        }
+    }
+}
+
 impl Drop for Walkie {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -577,6 +615,7 @@ impl Drop for Walkie {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.remove_own_cgroups();
         if std::thread::panicking() {
             let mut log = String::new();
             if let Ok(mut f) = std::fs::File::open(self.log_file()) {
