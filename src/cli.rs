@@ -21,7 +21,9 @@ usage:
   walkie ctl tasks [--json] [--raw]                the task registry
   walkie ctl start [--name NAME] [--project P] PROMPT...
   walkie ctl continue NAME PROMPT...               follow-up in the task's agent session
-  walkie ctl cancel NAME                           interrupt a task and all its descendants
+  walkie ctl cancel NAME                           stop a task and all its descendants
+  walkie ctl interrupt NAME                        end the agent's current turn, keep its session
+  walkie ctl approve NAME [--always] | deny NAME [REASON]   answer its permission request
   walkie ctl result NAME [--json] [--raw]          a finished task's summary and details
   walkie ctl logs NAME [--follow] [--raw]          a task's agent output
   walkie ctl events [--json]                       task events as they happen
@@ -246,6 +248,36 @@ fn ctl(rest: &[String]) -> Result<i32, Usage> {
             },
             false,
         ),
+        "interrupt" => (
+            Request::Interrupt {
+                name: one_name(&Opts::parse(more, &[], &[])?)?,
+            },
+            false,
+        ),
+        "approve" => {
+            let opts = Opts::parse(more, &[], &["--always"])?;
+            (
+                Request::Approve {
+                    name: one_name(&opts)?,
+                    always: opts.flag("--always"),
+                },
+                false,
+            )
+        }
+        "deny" => {
+            let opts = Opts::parse(more, &[], &[])?;
+            let Some((name, reason)) = opts.positionals.split_first() else {
+                return Err(usage("ctl deny needs a task NAME"));
+            };
+            let reason = reason.join(" ");
+            (
+                Request::Deny {
+                    name: name.clone(),
+                    reason: Some(reason).filter(|r| !r.trim().is_empty()),
+                },
+                false,
+            )
+        }
         "result" => {
             let opts = Opts::parse(more, &[], &["--json"])?;
             (

@@ -240,18 +240,7 @@ impl AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            command: [
-                "claude",
-                "-p",
-                "{prompt}",
-                "--output-format",
-                "stream-json",
-                "--verbose",
-                "--permission-mode",
-                "acceptEdits",
-            ]
-            .map(String::from)
-            .to_vec(),
+            command: vec!["claude".to_string()],
             resume: ["--resume", "{session}"].map(String::from).to_vec(),
             max_running: 3,
             cancel_grace_ms: 3000,
@@ -576,10 +565,9 @@ protocol = "claude"
 # Claude's --permission-mode for protocol claude: acceptEdits, auto, default, dontAsk, plan;
 # bypassPermissions only if you write it here.
 permission_mode = "acceptEdits"
-# argv of a task (no shell). protocol claude: the program; oneshot: "{prompt}" becomes the prompt.
-# "--permission-mode", "bypassPermissions" is allowed (oneshot), only if you write it here.
-command = ["claude", "-p", "{prompt}", "--output-format", "stream-json", "--verbose",
-           "--permission-mode", "acceptEdits"]
+# argv of a task (no shell). protocol claude: the program (and flags of your own, e.g. --model);
+# oneshot: "{prompt}" becomes the prompt, e.g. ["aider", "--yes", "--message", "{prompt}"].
+command = ["claude"]
 # Appended to command for a follow-up; "{session}" becomes the agent's session id.
 resume = ["--resume", "{session}"]
 # Tasks running at once (1..32); starting one more is refused.
@@ -2069,11 +2057,12 @@ mod tests {
             explicit.agent.protocol_in_use(),
             (AgentProtocol::Oneshot, None)
         );
-        // Today's default command is an old one: it runs one-shot.
+        // The default is the Claude CLI kept open, with nothing to say about it.
         assert_eq!(
-            Config::default().agent.protocol_in_use().0,
-            AgentProtocol::Oneshot
+            Config::default().agent.protocol_in_use(),
+            (AgentProtocol::Claude, None)
         );
+        assert_eq!(Config::default().agent.command, ["claude"]);
 
         // Flags walkie adds itself are refused with claude, on their own line.
         assert_error(

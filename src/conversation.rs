@@ -1,5 +1,11 @@
 //! The conversation policy core (sans-IO): turns, responses, tool calls, barge-in, task
-//! notifications, context restore, session rotation and the transcript.
+//! notifications, permission requests, context restore, session rotation and the transcript.
+//!
+//! Permission requests of agents are announced like completions, when the user is idle,
+//! one at a time, oldest first. The model may answer one (`answer_task`) only after a user
+//! turn — spoken or typed — that came after its announcement: the core hands the daemon,
+//! with each `answer_task` call, the requests that rule allows ([`Action::CallTool`]'s
+//! `consent`), so the model can never approve on its own.
 //!
 //! It owns no fd, thread or clock. The daemon feeds it what happened — link open/closed,
 //! server text frames, button edges, captured audio, playback progress, task completions,
@@ -24,15 +30,37 @@ use crate::clock::rfc3339_from_unix;
 use crate::realtime::events::{
     ApiError, ClientEvent, Item, ServerEvent, SessionSettings, parse_server_event, session_update,
 };
+pub use crate::tasks::claude::RequestEnd;
 use crate::voice::{Earcon, FRAMES_PER_MS, PlaybackProgress};
 
 /// A finished task, as the task engine reports it (summary already short and redacted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     pub task: String,
-    /// `succeeded`, `failed`, `cancelled`, `interrupted`.
+    /// `succeeded`, `failed`, `cancelled`, `interrupted`; `denied` for a permission request
+    /// nobody answered in time.
     pub state: String,
     pub summary: String,
+}
+
+/// A permission request an agent waits on, as the task engine reports it (its words
+/// already short, redacted and speakable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionAsk {
+    pub task: String,
+    pub request_id: String,
+    /// "run", "write", "edit", "fetch", "use".
+    pub verb: String,
+    /// The command, path or URL.
+    pub object: String,
+}
+
+/// A pending permission request and when it was put to the user.
+#[derive(Debug, Clone)]
+struct Ask {
+    ask: PermissionAsk,
+    /// `user_turns` when it was announced in this session; None until then.
+    announced: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +134,9 @@ pub enum Action {
         call_id: String,
         name: String,
         arguments: String,
+        /// `answer_task` only: the permission requests (ids) the user may have answered —
+        /// announced, then a user turn. An answer to any other is refused.
+        consent: Vec<String>,
     },
 }
 
@@ -244,6 +275,10 @@ pub struct Conversation {
     calls_in_flight: Vec<String>,
     /// The task registry in a few lines, as the daemon last reported it (context restore).
     task_summary: String,
+    /// Permission requests agents wait on, oldest first; put to the user one at a time.
+    asks: VecDeque<Ask>,
+    /// User turns so far (a spoken turn committed, or a typed one).
+    user_turns: u64,
 }
 
 impl Conversation {
@@ -273,6 +308,8 @@ impl Conversation {
             last_error: None,
             calls_in_flight: Vec::new(),
             task_summary: String::new(),
+            asks: VecDeque::new(),
+            user_turns: 0,
         }
     }
 
@@ -306,6 +343,11 @@ impl Conversation {
         self.calls_in_flight.clear();
         for completion in self.announcing.drain(..).rev() {
             self.pending.push_front(completion);
+        }
+        // A new session never heard the question: it is asked again, and a "yes" said to
+        // the old one does not count.
+        for ask in self.asks.iter_mut() {
+            ask.announced = None;
         }
         self.after_input(now);
     }
@@ -399,12 +441,49 @@ impl Conversation {
         self.after_input(now);
     }
 
+    /// An agent asks for permission; the request is put to the user when they are idle,
+    /// after the ones before it.
+    pub fn handle_permission_asked(&mut self, now: Instant, ask: PermissionAsk) {
+        if self.asks.iter().all(|a| a.ask.request_id != ask.request_id) {
+            self.asks.push_back(Ask {
+                ask,
+                announced: None,
+            });
+        }
+        self.after_input(now);
+    }
+
+    /// A permission request stopped pending (answered, withdrawn, or denied for want of an
+    /// answer — which the user is told).
+    pub fn handle_permission_closed(&mut self, now: Instant, request_id: &str, end: RequestEnd) {
+        let Some(at) = self
+            .asks
+            .iter()
+            .position(|a| a.ask.request_id == request_id)
+        else {
+            return;
+        };
+        let ask = self.asks.remove(at).expect("found above").ask;
+        if end == RequestEnd::TimedOut {
+            self.pending.push_back(Completion {
+                task: ask.task,
+                state: "denied".into(),
+                summary: format!(
+                    "nobody answered its request to {} {}, so walkie told it no; it may ask again",
+                    ask.verb, ask.object
+                ),
+            });
+        }
+        self.after_input(now);
+    }
+
     /// A typed user turn (`walkie ctl say`): a user text item and a response. `at` is the
     /// RFC 3339 time recorded in the transcript.
     pub fn handle_say(&mut self, now: Instant, text: &str, at: &str) -> Result<(), SayError> {
         if !self.session_ready() {
             return Err(SayError::NotConnected);
         }
+        self.user_turns += 1;
         let order = self.reserve_order();
         self.record(order, Role::User, text, at.to_owned());
         self.push(Action::Send(ClientEvent::create_item(Item::user_text(
@@ -434,7 +513,7 @@ impl Conversation {
         }
         // `quiet == None` means idle already: whatever waits only on quiet has happened.
         if let Some(quiet) = self.idle_from() {
-            if !self.pending.is_empty() {
+            if !self.pending.is_empty() || self.next_ask().is_some() {
                 deadlines.push(quiet);
             }
             if let Some(rotate_at) = self.rotate_at() {
@@ -487,6 +566,7 @@ impl Conversation {
             "active_response": active_response,
             "response_wanted": self.wanted.is_some(),
             "queued_notifications": self.pending.len(),
+            "pending_permissions": self.asks.len(),
             "announcing": self.announcing.len(),
             "button_down": self.button_down,
             "capturing": self.capturing,
@@ -776,10 +856,21 @@ impl Conversation {
         } else {
             info!("tool call {name} {}", snippet(&arguments));
             self.calls_in_flight.push(call_id.clone());
+            // Only what the user answered after hearing the question.
+            let consent = if name == "answer_task" {
+                self.asks
+                    .iter()
+                    .filter(|a| a.announced.is_some_and(|turns| self.user_turns > turns))
+                    .map(|a| a.ask.request_id.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
             self.push(Action::CallTool {
                 call_id,
                 name,
                 arguments,
+                consent,
             });
         }
         match &mut self.responding {
@@ -885,6 +976,7 @@ impl Conversation {
             self.push(Action::Send(ClientEvent::InputAudioBufferCommit {
                 event_id: None,
             }));
+            self.user_turns += 1;
             self.want_response(false);
         } else {
             self.push(Action::Send(ClientEvent::InputAudioBufferClear {
@@ -1044,8 +1136,18 @@ impl Conversation {
         }
     }
 
+    /// The permission request to put to the user next: the oldest, once no other is
+    /// waiting for the user's answer.
+    fn next_ask(&self) -> Option<usize> {
+        if self.asks.iter().any(|a| a.announced.is_some()) {
+            return None;
+        }
+        (!self.asks.is_empty()).then_some(0)
+    }
+
     fn maybe_announce(&mut self, now: Instant) {
-        if self.pending.is_empty() {
+        let ask = self.next_ask();
+        if self.pending.is_empty() && ask.is_none() {
             return;
         }
         let Some(quiet) = self.idle_from() else {
@@ -1055,7 +1157,10 @@ impl Conversation {
             return;
         }
         let batch: Vec<Completion> = self.pending.drain(..).collect();
-        let mut message = String::from("Task update:");
+        let mut message = String::new();
+        if !batch.is_empty() {
+            message.push_str("Task update:");
+        }
         for c in &batch {
             let summary = if c.summary.trim().is_empty() {
                 "no summary"
@@ -1063,6 +1168,19 @@ impl Conversation {
                 c.summary.trim()
             };
             message.push_str(&format!("\n- {} ({}): {}", c.task, c.state, summary));
+        }
+        if let Some(at) = ask {
+            let turns = self.user_turns;
+            let ask = &mut self.asks[at];
+            ask.announced = Some(turns);
+            if !message.is_empty() {
+                message.push_str("\n\n");
+            }
+            message.push_str(&format!(
+                "Permission request: {} wants to {}: {}. Allow? Ask the user in those words \
+                 and wait for their answer before calling answer_task.",
+                ask.ask.task, ask.ask.verb, ask.ask.object
+            ));
         }
         self.push(Action::Earcon(Earcon::TaskDone));
         self.push(Action::Send(ClientEvent::create_item(Item::system_text(
@@ -1171,6 +1289,8 @@ mod tests {
         summary: String,
         /// Calls are left in flight (the test hands the outputs back itself).
         hold: bool,
+        /// The `consent` of each call run, in order.
+        consents: Vec<Vec<String>>,
     }
 
     impl FakeTools {
@@ -1236,7 +1356,9 @@ mod tests {
                         call_id,
                         name,
                         arguments,
+                        consent,
                     } if !self.tools.hold => {
+                        self.tools.consents.push(consent.clone());
                         let output = self.tools.call(name, arguments);
                         self.conv
                             .handle_tool_output(self.now.get(), call_id, output);
@@ -1897,7 +2019,8 @@ mod tests {
             [Action::CallTool {
                 call_id: "call_1".into(),
                 name: "start_task".into(),
-                arguments: "{}".into()
+                arguments: "{}".into(),
+                consent: Vec::new(),
             }]
         );
         rig.server(21, &function_call("resp_1", "call_2", "list_tasks", "{}"));
@@ -2057,6 +2180,187 @@ mod tests {
             sent(&actions)[1]["item"]["content"][0]["text"],
             "Task update:\n- build (succeeded): Green."
         );
+    }
+
+    // ---- 6b. permission requests ----
+
+    impl Rig {
+        fn ask(&mut self, ms: u64, task: &str, request_id: &str, command: &str) -> Vec<Action> {
+            let now = self.at(ms);
+            self.conv.handle_permission_asked(
+                now,
+                PermissionAsk {
+                    task: task.into(),
+                    request_id: request_id.into(),
+                    verb: "run".into(),
+                    object: command.into(),
+                },
+            );
+            self.drain()
+        }
+
+        fn closed(&mut self, ms: u64, request_id: &str, end: RequestEnd) -> Vec<Action> {
+            let now = self.at(ms);
+            self.conv.handle_permission_closed(now, request_id, end);
+            self.drain()
+        }
+
+        /// A response `id` that makes one `answer_task` call; returns the call's consent.
+        fn answer_call(&mut self, ms: u64, id: &str) -> Vec<String> {
+            self.server(ms, &created(id));
+            let before = self.tools.consents.len();
+            self.server(
+                ms + 1,
+                &function_call(id, &format!("call_{id}"), "answer_task", "{}"),
+            );
+            self.server(ms + 2, &done(id, "completed"));
+            assert_eq!(self.tools.consents.len(), before + 1);
+            // The response that follows the tool output.
+            self.server(ms + 3, &created(&format!("{id}_after")));
+            self.server(ms + 4, &done(&format!("{id}_after"), "completed"));
+            self.tools.consents.last().unwrap().clone()
+        }
+
+        /// The text of the system messages in `actions`.
+        fn system_texts(actions: &[Action]) -> Vec<String> {
+            sent(actions)
+                .iter()
+                .filter(|e| e["item"]["role"] == "system")
+                .map(|e| e["item"]["content"][0]["text"].as_str().unwrap().to_owned())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_permission_request_is_announced_like_a_completion_and_answered_only_after_a_user_turn() {
+        let mut rig = Rig::ready();
+        let actions = rig.ask(0, "flaky-test", "r1", "npm test");
+        assert_eq!(
+            outline(&actions),
+            [
+                "earcon TaskDone",
+                "conversation.item.create",
+                "response.create"
+            ],
+            "idle already: asked at once, earcon first"
+        );
+        let text = &Rig::system_texts(&actions)[0];
+        assert!(
+            text.starts_with("Permission request: flaky-test wants to run: npm test. Allow?"),
+            "{text}"
+        );
+        // The model answers in the announcement's own response: no user turn came after.
+        assert_eq!(rig.answer_call(10, "resp_1"), Vec::<String>::new());
+        // The user says yes (typed here); now the answer counts.
+        rig.say(2000, "yes, go ahead");
+        assert_eq!(rig.answer_call(2010, "resp_2"), ["r1"]);
+        // Other tools carry no consent.
+        assert!(rig.tools.consents.iter().take(1).all(|c| c.is_empty()));
+        // Once answered, it is gone.
+        rig.closed(2100, "r1", RequestEnd::Answered);
+        assert_eq!(rig.conv.status()["pending_permissions"], 0);
+        assert_eq!(rig.timeout(10_000), []);
+    }
+
+    #[test]
+    fn a_spoken_turn_counts_as_the_answer_and_one_before_the_question_does_not() {
+        let mut rig = Rig::ready();
+        // A turn committed before the question was asked is no answer to it.
+        rig.press(0);
+        rig.audio(1, 4800);
+        rig.release(300);
+        rig.ask(310, "flaky-test", "r1", "npm test");
+        rig.server(320, &created("resp_1"));
+        rig.server(330, &done("resp_1", "completed"));
+        let actions = rig.timeout(1830);
+        assert_eq!(Rig::system_texts(&actions).len(), 1, "asked once idle");
+        assert_eq!(rig.answer_call(1840, "resp_2"), Vec::<String>::new());
+        rig.turn(4000, 4800);
+        assert_eq!(rig.answer_call(4300, "resp_3"), ["r1"]);
+    }
+
+    #[test]
+    fn requests_are_asked_one_at_a_time_oldest_first() {
+        let mut rig = Rig::ready();
+        rig.press(0);
+        rig.ask(10, "build", "r1", "make");
+        rig.ask(20, "deploy", "r2", "rsync dist/ host:");
+        rig.ask(20, "deploy", "r2", "rsync dist/ host:");
+        rig.audio(30, 100);
+        rig.release(40);
+        let actions = rig.timeout(1540);
+        let texts = Rig::system_texts(&actions);
+        assert_eq!(texts.len(), 1);
+        assert!(texts[0].contains("build wants to run: make"), "{texts:?}");
+        assert!(!texts[0].contains("deploy"), "one at a time: {texts:?}");
+        rig.server(1550, &created("resp_1"));
+        rig.server(1560, &done("resp_1", "completed"));
+        // Not asked while the first waits for the user's answer.
+        assert_eq!(rig.timeout(9000), []);
+        rig.say(9100, "yes");
+        assert_eq!(
+            rig.answer_call(9110, "resp_2"),
+            ["r1"],
+            "only the one asked"
+        );
+        rig.closed(9200, "r1", RequestEnd::Answered);
+        let actions = rig.timeout(10_700);
+        let texts = Rig::system_texts(&actions);
+        assert!(
+            texts[0].starts_with("Permission request: deploy wants to run: rsync dist/ host:."),
+            "{texts:?}"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_request_is_told_and_a_withdrawn_one_is_never_asked() {
+        let mut rig = Rig::ready();
+        rig.press(0);
+        rig.ask(10, "build", "r1", "make");
+        rig.ask(20, "deploy", "r2", "rsync");
+        // Withdrawn before it was asked: never asked.
+        rig.closed(30, "r2", RequestEnd::Withdrawn);
+        rig.audio(40, 100);
+        rig.release(50);
+        let actions = rig.timeout(1550);
+        assert_eq!(Rig::system_texts(&actions).len(), 1);
+        rig.server(1560, &created("resp_1"));
+        rig.server(1570, &done("resp_1", "completed"));
+        // Nobody answered in time: walkie denied it and says so.
+        let actions = rig.closed(700_000, "r1", RequestEnd::TimedOut);
+        let texts = Rig::system_texts(&actions);
+        assert_eq!(
+            texts,
+            [
+                "Task update:\n- build (denied): nobody answered its request to run make, so walkie told it no; it may ask again"
+            ]
+        );
+        rig.server(700_010, &created("resp_2"));
+        rig.server(700_020, &done("resp_2", "completed"));
+        assert_eq!(rig.timeout(800_000), [], "deploy was never asked");
+        assert_eq!(rig.conv.status()["pending_permissions"], 0);
+    }
+
+    #[test]
+    fn a_new_session_is_asked_again_and_a_yes_to_the_old_one_does_not_count() {
+        let mut rig = Rig::ready();
+        rig.ask(0, "build", "r1", "make");
+        rig.server(10, &created("resp_1"));
+        rig.server(20, &done("resp_1", "completed"));
+        rig.say(30, "yes");
+        rig.conv.handle_link_closed(rig.at(40));
+        rig.drain();
+        rig.open_session(50);
+        let actions = rig.timeout(5000);
+        assert!(
+            Rig::system_texts(&actions)
+                .iter()
+                .any(|t| t.contains("build wants to run: make")),
+            "asked again in the new session"
+        );
+        rig.server(5010, &created("resp_2"));
+        rig.server(5020, &done("resp_2", "completed"));
+        assert_eq!(rig.answer_call(5030, "resp_3"), Vec::<String>::new());
     }
 
     // ---- 7. transcript ----

@@ -19,7 +19,7 @@ use crate::config::{Config, ConfigSource};
 use crate::control::handler::{self, Handled, Parts, Vitals};
 use crate::control::server::Subscription;
 use crate::control::{ControlServer, Request, StartupError, proto};
-use crate::conversation::{Action, Completion, Conversation, ConversationSettings};
+use crate::conversation::{Action, Completion, Conversation, ConversationSettings, PermissionAsk};
 use crate::instance::{InstanceError, InstanceLock};
 use crate::paths::Paths;
 use crate::reactor::{self, Reactor};
@@ -499,6 +499,29 @@ impl Daemon {
                 self.state_dirty = true;
                 self.task_summary_stale = true;
             }
+            TaskEvent::PermissionAsked {
+                name,
+                request_id,
+                verb,
+                object,
+            } => {
+                let line = json!({"ok": true, "event": {"kind": "waiting", "task": name, "request": format!("{verb} {object}")}});
+                for t in self.control.subscribers(|s| *s == Subscription::Events) {
+                    self.control.stream(registry, t, &line);
+                }
+                self.conv.handle_permission_asked(
+                    now,
+                    PermissionAsk {
+                        task: name,
+                        request_id,
+                        verb,
+                        object,
+                    },
+                );
+            }
+            TaskEvent::PermissionClosed {
+                request_id, end, ..
+            } => self.conv.handle_permission_closed(now, &request_id, end),
             TaskEvent::Started { name } => {
                 let line = json!({"ok": true, "event": {"kind": "started", "task": name}});
                 for t in self.control.subscribers(|s| *s == Subscription::Events) {
@@ -611,8 +634,9 @@ impl Daemon {
                     call_id,
                     name,
                     arguments,
+                    consent,
                 } => {
-                    let output = tools::run(&mut self.engine, now, &name, &arguments);
+                    let output = tools::run(&mut self.engine, now, &name, &arguments, &consent);
                     self.conv.handle_tool_output(now, &call_id, output);
                 }
             }

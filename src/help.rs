@@ -34,6 +34,9 @@ commands:
   start [--name NAME] [--project P] PROMPT...   start a task
   continue NAME PROMPT...                a follow-up in the task's agent session
   cancel NAME                            stop a task and everything it started
+  interrupt NAME                         end the agent's current turn, keep its session
+  approve NAME [--always]                allow what the task's agent asked to do
+  deny NAME [REASON]                     refuse it; the agent is told REASON
   result NAME [--json]                   a finished task's summary and details
   logs NAME [--follow]                   a task's agent output
   events [--json]                        task events as they happen
@@ -81,6 +84,32 @@ what it knew.",
 
 Stops the task and every process it started: SIGINT, then SIGTERM, then SIGKILL,
 agent.cancel_grace_ms apart.",
+    ),
+    (
+        "ctl interrupt",
+        "usage: walkie ctl interrupt NAME
+
+Ends the agent's current turn, as a person pressing Esc would: its tools stop, the turn ends
+as interrupted, and the agent process and its session stay, ready for the next message
+(continue, or message_task by voice). Needs agent.protocol \"claude\". `cancel` stops
+everything instead.",
+    ),
+    (
+        "ctl approve",
+        "usage: walkie ctl approve NAME [--always]
+
+Allows what the task's agent waits to do (its oldest permission request: the command to run,
+the file to write). --always also adds the rule the agent suggested, so it does not ask again
+for the same; the Claude CLI may keep such a rule in the project's .claude/settings.local.json,
+so it outlives the task. You are the user here: no spoken answer is needed. `walkie ctl tasks`
+shows what a waiting task asks.",
+    ),
+    (
+        "ctl deny",
+        "usage: walkie ctl deny NAME [REASON...]
+
+Refuses what the task's agent waits to do (its oldest permission request). The agent is told
+\"The user said no: REASON\" and goes on without that tool.",
     ),
     (
         "ctl result",

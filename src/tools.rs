@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::tasks::engine::Logs;
+use crate::tasks::claude::{Decision, MessageStatus};
+use crate::tasks::engine::{Delivery, Logs};
 use crate::tasks::redact::{self, Keep};
 use crate::tasks::{TaskEngine, TaskError, TaskRecord};
 
@@ -19,15 +20,29 @@ use crate::tasks::{TaskEngine, TaskError, TaskRecord};
 const RESULT_CHARS: usize = 1500;
 
 /// Runs tool `name` for the model and returns its output as sent back (a JSON string).
-pub fn run(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> String {
-    let out = call(engine, now, name, arguments);
+/// `consent`: the permission requests the user answered after they were announced (the
+/// conversation core's rule); `answer_task` may answer only those.
+pub fn run(
+    engine: &mut TaskEngine,
+    now: Instant,
+    name: &str,
+    arguments: &str,
+    consent: &[String],
+) -> String {
+    let out = call(engine, now, name, arguments, consent);
     log::info!("tool {name} {} → {out}", redact::redact(arguments));
     out.to_string()
 }
 
 /// Runs tool `name` with its JSON `arguments`; every string of the output is redacted.
-pub fn call(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> Value {
-    let mut out = answer(engine, now, name, arguments);
+pub fn call(
+    engine: &mut TaskEngine,
+    now: Instant,
+    name: &str,
+    arguments: &str,
+    consent: &[String],
+) -> Value {
+    let mut out = answer(engine, now, name, arguments, consent);
     redact_strings(&mut out);
     out
 }
@@ -48,7 +63,13 @@ fn redact_strings(value: &mut Value) {
     }
 }
 
-fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) -> Value {
+fn answer(
+    engine: &mut TaskEngine,
+    now: Instant,
+    name: &str,
+    arguments: &str,
+    consent: &[String],
+) -> Value {
     let args: Value = match serde_json::from_str(if arguments.trim().is_empty() {
         "{}"
     } else {
@@ -92,6 +113,30 @@ fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) ->
             Ok(Err(e)) => task_error(&e),
             Ok(Ok(record)) => {
                 let mut v = brief(&record);
+                if let Some(view) = engine.live_view(&record) {
+                    // "What is it doing?" is answered from this, fresh.
+                    let a = &view.activity;
+                    v["activity"] = json!(a.what);
+                    v["for_s"] = json!(now.saturating_duration_since(a.since).as_secs());
+                    v["turns"] = json!(a.turns);
+                    if let Some(sentence) = &a.last_sentence {
+                        v["last_sentence"] = json!(sentence);
+                    }
+                    if let Some(request) = &view.waiting_for {
+                        v["waiting_for_approval_to"] = json!(request);
+                    }
+                    if view.warm {
+                        v["warm"] = json!(true);
+                    }
+                    if let Some(status) = view.last_message {
+                        v["last_message"] = json!(match status {
+                            MessageStatus::Held => "held until its turn is interrupted",
+                            MessageStatus::Sent => "sent, not taken in yet",
+                            MessageStatus::TakenIn => "taken in",
+                            MessageStatus::Dropped => "not taken in: the agent stopped first",
+                        });
+                    }
+                }
                 if record.state.is_running() {
                     if let Ok(Logs::Now { text: tail, .. }) = engine.logs(&record.name) {
                         v["recent_output"] = json!(redact::speech_excerpt(&tail, 400, Keep::Tail));
@@ -118,7 +163,53 @@ fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) ->
                 (Err(e), _) | (_, Err(e)) => return e,
             };
             match engine.continue_task(task, prompt, now) {
-                Ok(task) => json!({"status": "started", "task": task}),
+                Ok((task, Delivery::NextStep)) => delivered(&task, Delivery::NextStep),
+                Ok((task, _)) => json!({"status": "started", "task": task}),
+                Err(e) => task_error(&e),
+            }
+        }
+        "message_task" => {
+            let (task, text) = match (need("name"), need("text")) {
+                (Ok(n), Ok(t)) => (n, t),
+                (Err(e), _) | (_, Err(e)) => return e,
+            };
+            let now_priority = args.get("now").and_then(Value::as_bool).unwrap_or(false);
+            match engine.message(task, text, now_priority, now) {
+                Ok((task, delivery)) => delivered(&task, delivery),
+                Err(e) => task_error(&e),
+            }
+        }
+        "interrupt_task" => match need("name").map(|n| engine.interrupt(n, now)) {
+            Err(e) => e,
+            Ok(Ok(task)) => json!({"status": "interrupting", "task": task}),
+            Ok(Err(e)) => task_error(&e),
+        },
+        "answer_task" => {
+            let task = match need("name") {
+                Ok(n) => n,
+                Err(e) => return e,
+            };
+            let reason = text("reason").map(str::to_owned);
+            let decision = match text("decision") {
+                Some("allow") => Decision::Allow,
+                Some("always") => Decision::Always,
+                Some("deny") => Decision::Deny { reason },
+                Some(other) => {
+                    return rejected(&format!(
+                        "decision must be allow, deny or always, not \"{other}\""
+                    ));
+                }
+                None => return rejected("missing \"decision\""),
+            };
+            let said = match decision {
+                Decision::Allow => "allow",
+                Decision::Always => "always",
+                Decision::Deny { .. } => "deny",
+            };
+            match engine.answer(task, decision, Some(consent), now) {
+                Ok((task, request)) => json!({
+                    "status": "answered", "task": task, "decision": said, "request": request
+                }),
                 Err(e) => task_error(&e),
             }
         }
@@ -129,6 +220,22 @@ fn answer(engine: &mut TaskEngine, now: Instant, name: &str, arguments: &str) ->
         },
         other => rejected(&format!("unknown tool \"{other}\"")),
     }
+}
+
+/// Where a follow-up or a message went, in a few words the model can say.
+fn delivered(task: &str, delivery: Delivery) -> Value {
+    let (status, how) = match delivery {
+        Delivery::NextStep => ("sent", "the agent takes it in at its next step"),
+        Delivery::AfterInterrupt => (
+            "sent",
+            "its current step is being interrupted; the agent gets this right after",
+        ),
+        Delivery::NextTurn => ("started", "its agent started on it at once"),
+        Delivery::Resumed | Delivery::AfterClose => {
+            ("started", "a new run continues its session with it")
+        }
+    };
+    json!({"status": status, "task": task, "delivery": how})
 }
 
 fn brief(r: &TaskRecord) -> Value {
@@ -183,7 +290,7 @@ mod tests {
     }
 
     fn tool(rig: &mut EngineRig, name: &str, arguments: Value) -> Value {
-        let out = call(&mut rig.engine, rig.t0, name, &arguments.to_string());
+        let out = call(&mut rig.engine, rig.t0, name, &arguments.to_string(), &[]);
         clean(&out).clone()
     }
 
@@ -223,7 +330,7 @@ mod tests {
             ("[1]", "arguments must be a JSON object"),
             ("{nope", "arguments are not valid JSON"),
         ] {
-            let out = call(&mut rig.engine, rig.t0, "start_task", arguments);
+            let out = call(&mut rig.engine, rig.t0, "start_task", arguments, &[]);
             assert_eq!(out["status"], "rejected");
             assert!(out["reason"].as_str().unwrap().contains(reason), "{out}");
         }

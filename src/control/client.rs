@@ -242,11 +242,15 @@ fn print_human(request: &Request, reply: &Value, first: bool, format: Format) {
             );
             for t in tasks {
                 let running = matches!(s(&t, "state"), "running" | "waiting");
-                // What it is doing while it runs; how it ended after.
+                // What it is doing while it runs; how it ended after (and whether its agent
+                // still waits for a follow-up).
+                let summary = t.get("summary").and_then(Value::as_str).unwrap_or("");
                 let about = if running {
-                    s(&t, "activity")
+                    s(&t, "activity").to_owned()
+                } else if t.get("warm") == Some(&Value::Bool(true)) {
+                    format!("(warm) {summary}")
                 } else {
-                    t.get("summary").and_then(Value::as_str).unwrap_or("")
+                    summary.to_owned()
                 };
                 println!(
                     "{:<24} {:<11} {:<20} {:>8}  {}",
@@ -256,7 +260,7 @@ fn print_human(request: &Request, reply: &Value, first: bool, format: Format) {
                         .replacen('T', " ", 1)
                         .trim_end_matches('Z'),
                     run_time(&t, now),
-                    show(&one_line(about, 70))
+                    show(&one_line(&about, 70))
                 );
             }
         }
@@ -264,6 +268,17 @@ fn print_human(request: &Request, reply: &Value, first: bool, format: Format) {
             println!("started {}", show(s(reply, "task")))
         }
         Request::Cancel { .. } => println!("cancelling {}", show(s(reply, "task"))),
+        Request::Interrupt { .. } => println!("interrupting {}", show(s(reply, "task"))),
+        Request::Approve { .. } => println!(
+            "allowed {} to {}",
+            show(s(reply, "task")),
+            show(s(reply, "request"))
+        ),
+        Request::Deny { .. } => println!(
+            "denied {} to {}",
+            show(s(reply, "task")),
+            show(s(reply, "request"))
+        ),
         Request::Result { .. } => {
             let t = reply.get("task").unwrap_or(&Value::Null);
             println!("task:     {}", show(s(t, "name")));
@@ -321,6 +336,11 @@ fn print_human(request: &Request, reply: &Value, first: bool, format: Format) {
                         show(s(ev, "task")),
                         show(s(ev, "state")),
                         show(s(ev, "summary"))
+                    ),
+                    "waiting" => println!(
+                        "{} waiting: wants to {}",
+                        show(s(ev, "task")),
+                        show(s(ev, "request"))
                     ),
                     kind => println!("{} {}", show(s(ev, "task")), show(kind)),
                 }

@@ -13,6 +13,7 @@ use super::proto::{self, Request};
 use super::server::Subscription;
 use crate::button::Button;
 use crate::conversation::Conversation;
+use crate::tasks::claude::Decision;
 use crate::tasks::engine::{Logs, dropped_note};
 use crate::tasks::{TaskEngine, TaskError};
 
@@ -60,14 +61,32 @@ pub fn handle(req: Request, parts: Parts<'_>, vitals: impl FnOnce() -> Vitals) -
     } = parts;
     let reply = match req {
         Request::Status => json!({"ok": true, "status": status(engine, conv, button, vitals())}),
-        Request::Tasks => json!({"ok": true, "tasks": engine.records()}),
+        Request::Tasks => json!({"ok": true, "tasks": engine.tasks_json(now)}),
         Request::Start {
             prompt,
             name,
             project,
         } => started(engine.start(&prompt, name.as_deref(), project.as_deref(), now)),
-        Request::Continue { name, prompt } => started(engine.continue_task(&name, &prompt, now)),
+        Request::Continue { name, prompt } => started(
+            engine
+                .continue_task(&name, &prompt, now)
+                .map(|(task, _)| task),
+        ),
         Request::Cancel { name } => started(engine.cancel(&name, now)),
+        Request::Interrupt { name } => started(engine.interrupt(&name, now)),
+        // The user themself: no "user turn after the announcement" rule (that is for the
+        // model's answer_task).
+        Request::Approve { name, always } => {
+            let decision = if always {
+                Decision::Always
+            } else {
+                Decision::Allow
+            };
+            answered(engine.answer(&name, decision, None, now))
+        }
+        Request::Deny { name, reason } => {
+            answered(engine.answer(&name, Decision::Deny { reason }, None, now))
+        }
         Request::Result { name } => match engine.resolve(&name) {
             Ok(record) => {
                 let mut v = serde_json::to_value(record).unwrap_or(Value::Null);
@@ -137,6 +156,14 @@ pub fn logs_reply(engine: &TaskEngine, task: &str, text: String) -> Value {
 fn started(result: Result<String, TaskError>) -> Value {
     match result {
         Ok(task) => json!({"ok": true, "task": task}),
+        Err(e) => error_reply(&e),
+    }
+}
+
+/// `{"ok":true,"task":NAME,"request":"run `npm test`"}` for an answered permission request.
+fn answered(result: Result<(String, String), TaskError>) -> Value {
+    match result {
+        Ok((task, request)) => json!({"ok": true, "task": task, "request": request}),
         Err(e) => error_reply(&e),
     }
 }

@@ -25,6 +25,23 @@ pub enum Request {
     Cancel {
         name: String,
     },
+    /// Ends the agent's current turn; its process and session stay.
+    Interrupt {
+        name: String,
+    },
+    /// Allows the permission request the task's agent waits on (`always`: and what the
+    /// agent suggested for next time).
+    Approve {
+        name: String,
+        #[serde(default)]
+        always: bool,
+    },
+    /// Denies it; the agent sees the reason.
+    Deny {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     Result {
         name: String,
     },
@@ -63,7 +80,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let allowed: &[&str] = match request {
         Request::Start { .. } => &["prompt", "name", "project"],
         Request::Continue { .. } => &["name", "prompt"],
-        Request::Cancel { .. } | Request::Result { .. } => &["name"],
+        Request::Cancel { .. } | Request::Result { .. } | Request::Interrupt { .. } => &["name"],
+        Request::Approve { .. } => &["name", "always"],
+        Request::Deny { .. } => &["name", "reason"],
         Request::Logs { .. } => &["name", "follow"],
         Request::Say { .. } => &["text"],
         _ => &[],
@@ -101,6 +120,25 @@ mod tests {
                 name: Some("fix".into()),
                 project: None
             })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"approve","name":"x"}"#),
+            Ok(Request::Approve {
+                name: "x".into(),
+                always: false
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"deny","name":"x","reason":"not now"}"#),
+            Ok(Request::Deny {
+                name: "x".into(),
+                reason: Some("not now".into())
+            })
+        );
+        assert!(
+            parse_request(br#"{"cmd":"interrupt","name":"x","now":true}"#)
+                .unwrap_err()
+                .contains("now")
         );
         assert_eq!(
             parse_request(br#"{"cmd":"logs","name":"x"}"#),

@@ -294,7 +294,14 @@ and wait for a clear yes before you call the tool.
 - Keep answers short and in spoken style: no markdown, no lists, no code blocks, no URLs read \
 out character by character.
 - System messages that start with \"Task update\" report tasks that finished. Tell the user \
-briefly what happened, by task name, and offer details only when asked.";
+briefly what happened, by task name, and offer details only when asked.
+- A \"Permission request\" system message means an agent waits for the user's approval. Ask \
+the user in its words, for example \"flaky-test wants to run: npm test. Allow?\", then wait. \
+Call answer_task only with the user's own answer (allow, deny, or always for \"don't ask \
+again\"); never decide for them.
+- To add to or change what a running task does, use message_task (now: true to stop its \
+current step first); interrupt_task ends its current step and keeps it ready for more; \
+cancel_task stops it for good. For \"what is it doing?\", call task_status and say its activity.";
 
 /// `session.update` for a fresh session: audio in and out at 24 kHz PCM, server VAD off,
 /// input transcription on, walkie's tools.
@@ -397,7 +404,8 @@ pub fn tools() -> Vec<FunctionTool> {
         tool(
             "continue_task",
             "Send a follow-up instruction to a task's agent, continuing its session with its \
-             earlier context. Works on running and finished tasks.",
+             earlier context. Works on running and finished tasks; a task that finished \
+             recently starts on it at once.",
             json!({
                 "type": "object",
                 "properties": {
@@ -417,6 +425,59 @@ pub fn tools() -> Vec<FunctionTool> {
                 "type": "object",
                 "properties": {"name": name_property},
                 "required": ["name"]
+            }),
+        ),
+        tool(
+            "message_task",
+            "Tell a task's agent something while it works (\"and also do X\", \"do Y instead\"). \
+             It takes the text in at its next step; with now, its current step is interrupted \
+             first. A finished task starts on it as a follow-up.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "name": name_property,
+                    "text": {
+                        "type": "string",
+                        "description": "What to tell the agent, self-contained."
+                    },
+                    "now": {
+                        "type": "boolean",
+                        "description": "Interrupt its current step first, for a change of course. Default false."
+                    }
+                },
+                "required": ["name", "text"]
+            }),
+        ),
+        tool(
+            "interrupt_task",
+            "Stop a task's current step without ending the task: its agent stays ready, with \
+             its context, for the next message_task or continue_task.",
+            json!({
+                "type": "object",
+                "properties": {"name": name_property},
+                "required": ["name"]
+            }),
+        ),
+        tool(
+            "answer_task",
+            "Answer a task's permission request with the user's own answer, given after you \
+             asked them; an answer without one is refused. always also allows the same \
+             from now on, possibly saved in the project's settings.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "name": name_property,
+                    "decision": {
+                        "type": "string",
+                        "enum": ["allow", "deny", "always"],
+                        "description": "The user's answer: allow once, deny, or always allow this kind of request."
+                    },
+                    "reason": {
+                        "type": "string",
+                        "description": "Optional, with deny: what the user said, passed to the agent."
+                    }
+                },
+                "required": ["name", "decision"]
             }),
         ),
     ]
@@ -789,7 +850,7 @@ mod tests {
     }
 
     #[test]
-    fn tools_are_the_six_task_tools_with_schemas() {
+    fn tools_are_the_nine_task_tools_with_schemas() {
         let v = to_value(&session_update(&SessionSettings::default()));
         let tools = v["session"]["tools"].as_array().unwrap();
         let names: Vec<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
@@ -801,7 +862,10 @@ mod tests {
                 "task_status",
                 "task_result",
                 "continue_task",
-                "cancel_task"
+                "cancel_task",
+                "message_task",
+                "interrupt_task",
+                "answer_task"
             ]
         );
         let required = |name: &str| -> Vec<String> {
@@ -823,6 +887,14 @@ mod tests {
         assert_eq!(required("task_result"), ["name"]);
         assert_eq!(required("continue_task"), ["name", "prompt"]);
         assert_eq!(required("cancel_task"), ["name"]);
+        assert_eq!(required("message_task"), ["name", "text"]);
+        assert_eq!(required("interrupt_task"), ["name"]);
+        assert_eq!(required("answer_task"), ["name", "decision"]);
+        let answer = tools.iter().find(|t| t["name"] == "answer_task").unwrap();
+        assert_eq!(
+            answer["parameters"]["properties"]["decision"]["enum"],
+            json!(["allow", "deny", "always"])
+        );
         let start = &tools[0]["parameters"]["properties"];
         for p in ["prompt", "name", "project"] {
             assert_eq!(start[p]["type"], "string", "{p}");

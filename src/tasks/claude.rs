@@ -175,6 +175,17 @@ pub struct Permission {
     suggestions: Vec<Value>,
 }
 
+/// How a permission request stopped pending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestEnd {
+    /// Allowed or denied (by `answer_task`, `walkie ctl approve` or `deny`).
+    Answered,
+    /// The agent withdrew it (an interrupt, the end of its turn), or its process ended.
+    Withdrawn,
+    /// Nobody answered within `agent.approval_timeout_s`: denied, the agent told so.
+    TimedOut,
+}
+
 /// Where one of our user messages is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageStatus {
@@ -277,6 +288,9 @@ struct Sent {
     status: MessageStatus,
     /// The text while [`MessageStatus::Held`]; emptied once written.
     held_text: String,
+    /// `result` lines seen when it was written: one written after the latest `result`
+    /// may not have been read when the agent last said it was idle.
+    written_at: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -446,6 +460,7 @@ impl ClaudeSession {
                 MessageStatus::Sent
             },
             held_text: if held { text.to_owned() } else { String::new() },
+            written_at: self.turns,
         });
         Ok(uuid)
     }
@@ -719,6 +734,16 @@ impl ClaudeSession {
         {
             return;
         }
+        // The agent says what it was when it wrote the line: a message written after its
+        // latest `result` (a message held for an interrupt's end, a follow-up) may still be
+        // in the pipe, unread. It starts the next turn; the state is stale.
+        if self
+            .sent
+            .iter()
+            .any(|s| s.status == MessageStatus::Sent && s.written_at == self.turns)
+        {
+            return;
+        }
         self.interrupting = None;
         for sent in self.sent.iter_mut() {
             if sent.status == MessageStatus::Sent {
@@ -739,6 +764,7 @@ impl ClaudeSession {
         for i in 0..self.sent.len() {
             if self.sent[i].status == MessageStatus::Held {
                 let text = std::mem::take(&mut self.sent[i].held_text);
+                self.sent[i].written_at = self.turns;
                 let uuid = self.sent[i].uuid.clone();
                 self.write_user_line(&text, &uuid);
                 self.sent[i].status = MessageStatus::Sent;
@@ -906,7 +932,7 @@ fn permission_words(request: &PermissionRequest, cwd: &str) -> (&'static str, St
 
 /// The last sentence of `text` with words in it (not a code block), redacted over the whole
 /// text before any cut, markdown stripped, short enough to speak.
-fn last_sentence(text: &str) -> Option<String> {
+pub(crate) fn last_sentence(text: &str) -> Option<String> {
     let redacted = redact::redact(text);
     // Only the end is needed: start a few KB before it, at a word, outside any code fence.
     let mut start = redacted.len().saturating_sub(SENTENCE_WINDOW);
@@ -1686,6 +1712,39 @@ mod tests {
         assert_eq!(
             run.what(),
             "running `timeout 120 tail -f /dev/null; echo finished`"
+        );
+    }
+
+    #[test]
+    fn an_idle_reported_before_a_message_sent_after_the_result_was_read_drops_nothing() {
+        // message_task with now: the interrupt's result releases the held text; the agent
+        // reports idle before it has read it (the fake agent and the CLI both do).
+        let mut run = Replay::new("interrupt-tool", "x");
+        run.take_stdin();
+        run.feed_line(r#"{"type":"system","subtype":"init","session_id":"s"}"#);
+        run.replay_prompt();
+        let next = run
+            .session
+            .send_message("do this instead", true, run.now)
+            .unwrap();
+        assert_eq!(run.take_stdin()[0]["request"]["subtype"], "interrupt");
+        run.feed_line(
+            r#"{"type":"result","subtype":"error_during_execution","is_error":true,"session_id":"s"}"#,
+        );
+        assert_eq!(run.take_stdin()[0]["uuid"], next.as_str(), "released");
+        run.feed_line(r#"{"type":"system","subtype":"session_state_changed","state":"idle"}"#);
+        assert!(run.session.is_running(), "stale: the message starts a turn");
+        assert_eq!(run.session.message_status(&next), Some(MessageStatus::Sent));
+        assert!(
+            !run.events().contains(&SessionEvent::Idle),
+            "the task is not over"
+        );
+        run.feed_line(&format!(
+            r#"{{"type":"user","message":{{"role":"user","content":"x"}},"uuid":"{next}","isReplay":true}}"#
+        ));
+        assert_eq!(
+            run.session.message_status(&next),
+            Some(MessageStatus::TakenIn)
         );
     }
 

@@ -1,12 +1,21 @@
 //! The task engine: the registry, and the shell around each run's lifecycle core.
 //!
-//! It owns the agents' stdout/stderr pipes and the inotify fd watching the task cgroups'
+//! It owns the agents' stdin (kept open with `agent.protocol = "claude"`), stdout and stderr
+//! pipes and the inotify fd watching the task cgroups'
 //! `cgroup.events` (tokens from [`crate::reactor::TASK_PIPES`]), the agents' pidfds, the
 //! reaping of every child (walkie is a child subreaper, so orphaned descendants land here
 //! too), the membership helper thread (members.rs) and the task-output writer thread
 //! (writer.rs). It decides nothing about how a run ends: each run's [`Lifecycle`]
 //! (lifecycle.rs) does, and this shell carries out its actions — fork/exec, signals,
 //! probes, closing pipes — and records the outcome it reports.
+//!
+//! An agent kept open on stdin is spoken to through its run's session (claude.rs): the
+//! prompt is its first user line (never in argv), follow-ups, steering, interrupts and
+//! permission answers are further lines, written without blocking (buffered in the session,
+//! bounded, flushed on WRITABLE). After a turn the process stays warm for `agent.warm_s`
+//! (at most `agent.max_warm` of them, the one idle longest closed first); a follow-up to a
+//! warm agent is its next turn in the same process, a later one resumes the session in a
+//! new process.
 //!
 //! Nothing here blocks or touches the disk on the loop: spawning is a fork/exec (the child
 //! creates its own directories and joins its cgroup before exec), exits come from SIGCHLD +
@@ -15,7 +24,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::CString;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -24,13 +33,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::unix::pipe::Receiver;
+use mio::unix::pipe::{Receiver, Sender};
 use mio::{Interest, Registry, Token};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::claude::{
+    self, Activity, ClaudeSession, Decision, MessageStatus, RequestEnd, SessionEvent,
+};
 use super::contain::Containment;
 use super::lifecycle::{
     self, Action, Event, Leftover, Lifecycle, Outcome, Pipe, StopReason, Target,
@@ -43,7 +55,7 @@ use super::record::{TaskRecord, TaskState};
 use super::redact::{self, Keep, OutputRedactor};
 use super::stream::{ExitInfo, OutputKind, StreamEvent};
 use super::writer::{DiskWriter, Done};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, AgentProtocol};
 use crate::paths::Paths;
 use crate::reactor::{TASK_PIPES, TokenPool};
 
@@ -94,6 +106,50 @@ pub enum TaskEvent {
     },
     /// The registry changed: persist it.
     Changed,
+    /// An agent asks whether it may use a tool; the task is `waiting`. `verb` and `object`
+    /// say what, short and redacted ("run", "npm test").
+    PermissionAsked {
+        name: String,
+        request_id: String,
+        verb: String,
+        object: String,
+    },
+    /// A request of [`TaskEvent::PermissionAsked`] is no longer pending.
+    PermissionClosed {
+        name: String,
+        request_id: String,
+        end: RequestEnd,
+    },
+}
+
+/// Where a follow-up or a steering message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A new agent process resumes the session with it (the agent was not warm).
+    Resumed,
+    /// The warm agent started its next turn with it, in the same process.
+    NextTurn,
+    /// The agent is working: it takes the message in at its next step.
+    NextStep,
+    /// The agent's turn is being interrupted; the message follows at the turn's end.
+    AfterInterrupt,
+    /// The agent was closing its warm process: a new process resumes the session with it.
+    AfterClose,
+}
+
+/// What a running or warm task's agent is doing, for `task_status` and `walkie ctl tasks`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveView {
+    pub activity: Activity,
+    /// The permission request the agent waits on, in words ("run `npm test`").
+    pub waiting_for: Option<String>,
+    /// Where the last message sent to it is ("taken in", …).
+    pub last_message: Option<MessageStatus>,
+    /// Between turns, waiting for a follow-up.
+    pub warm: bool,
+    /// Spoken to through stdin (`agent.protocol = "claude"`): takes messages, interrupts
+    /// and permission answers.
+    pub kept_open: bool,
 }
 
 /// A task's rendered output, now or after the writer thread read it back.
@@ -138,6 +194,20 @@ pub enum TaskError {
     Spawn(String),
     #[error("walkie is shutting down")]
     ShuttingDown,
+    #[error(
+        "task {0} runs one-shot (agent.protocol \"oneshot\"): it takes no messages, interrupts or answers while it runs"
+    )]
+    OneShot(String),
+    #[error("task {0} is not in the middle of a turn")]
+    NotInTurn(String),
+    #[error("task {0} is not waiting for an approval")]
+    NotWaiting(String),
+    #[error(
+        "the user has not answered {0}'s request since it was announced: ask them, and call answer_task only after they reply"
+    )]
+    NotAnswered(String),
+    #[error("task {name}: {reason}")]
+    Agent { name: String, reason: String },
 }
 
 /// A task's three log files (paths shared with the writer thread).
@@ -182,6 +252,29 @@ struct Live {
     followed: bool,
     /// Redacts the output streamed to followers (what is kept is redacted when read).
     redactor: OutputRedactor,
+    /// When the agent was started.
+    started: Instant,
+    /// The agent's stdin while it is kept open: the session's bytes are written here.
+    stdin: Option<StdinPipe>,
+    /// The last message sent to a kept-open agent, for its receipt in `task_status`.
+    last_message: Option<String>,
+    /// A follow-up that came while this run's warm agent was closing: the next run starts
+    /// with it as soon as this one is over.
+    follow_up: Option<String>,
+}
+
+/// The write end of a kept-open agent's stdin, non-blocking; registered for WRITABLE only
+/// while the session has bytes the pipe did not take.
+struct StdinPipe {
+    token: Token,
+    tx: Sender,
+    registered: bool,
+}
+
+/// How a run is started: its argv, and the session when it is kept open on stdin.
+struct Launch {
+    argv: Vec<String>,
+    session: Option<ClaudeSession>,
 }
 
 /// What is left of a task that was running when walkie last died.
@@ -205,6 +298,8 @@ pub struct TaskEngine {
     records: Vec<TaskRecord>,
     live: HashMap<String, Live>,
     tokens: HashMap<Token, (String, Pipe)>,
+    /// Stdin pipes of kept-open agents: token → task id.
+    stdin_tokens: HashMap<Token, String>,
     pool: TokenPool,
     backlog: HashSet<Token>,
     events: VecDeque<TaskEvent>,
@@ -220,6 +315,8 @@ pub struct TaskEngine {
     tickets: HashMap<u64, String>,
     next_ticket: u64,
     shutting_down: bool,
+    /// A turn ended: `agent.max_warm` is checked once the run has been driven.
+    warm_check: bool,
     scratch: Vec<u8>,
     stream_events: Vec<StreamEvent>,
     reports: Vec<Report>,
@@ -271,6 +368,7 @@ impl TaskEngine {
             records: Vec::new(),
             live: HashMap::new(),
             tokens: HashMap::new(),
+            stdin_tokens: HashMap::new(),
             pool,
             backlog: HashSet::new(),
             events: VecDeque::new(),
@@ -282,6 +380,7 @@ impl TaskEngine {
             tickets: HashMap::new(),
             next_ticket: 1,
             shutting_down: false,
+            warm_check: false,
             scratch: vec![0; READ_BUDGET],
             stream_events: Vec::new(),
             reports: Vec::new(),
@@ -318,6 +417,34 @@ impl TaskEngine {
             engine.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
             changed = true;
         }
+        // Agents that waited, warm, for a follow-up when walkie stopped: their tasks had
+        // finished and keep their outcome; what is left of the processes is stopped.
+        for r in records
+            .iter_mut()
+            .filter(|r| !r.state.is_running() && (r.pid.is_some() || r.warm))
+        {
+            let root = match (r.pid, r.pid_start_time) {
+                (Some(pid), Some(start)) if proc::is_same_process(pid, start) => {
+                    log::warn!(
+                        "task {}: its warm agent pid {pid} outlived walkie; stopping it",
+                        r.name
+                    );
+                    Some((pid, start))
+                }
+                _ => None,
+            };
+            r.pid = None;
+            r.pid_start_time = None;
+            r.warm = false;
+            let scope = Scope {
+                task_id: r.id.clone(),
+                root,
+                cgroup: engine.cgroup_scope(&r.id),
+                scan: true,
+            };
+            engine.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
+            changed = true;
+        }
         // Task cgroups no record explains (a state file lost or moved aside).
         let strays: Vec<(String, PathBuf)> = engine
             .containment
@@ -338,6 +465,7 @@ impl TaskEngine {
         }
         engine.records = records;
         engine.warn_memory_max();
+        engine.tell_protocol();
         if changed {
             engine.events.push_back(TaskEvent::Changed);
         }
@@ -350,6 +478,15 @@ impl TaskEngine {
         }
         self.settings = settings;
         self.warn_memory_max();
+        self.tell_protocol();
+    }
+
+    /// An `agent.command` from before the kept-open protocol (it holds `{prompt}`) runs
+    /// one-shot: say so, and how to switch (start, reload).
+    fn tell_protocol(&self) {
+        if let (_, Some(notice)) = self.settings.agent.protocol_in_use() {
+            log::warn!("{notice}");
+        }
     }
 
     /// `agent.memory_max` is set but cannot apply here: say so once (start, reload).
@@ -430,7 +567,7 @@ impl TaskEngine {
             Some(dir) => (dir, false),
             None => (self.scratch_dir(&name, &id), true),
         };
-        let argv = expand(&self.settings.agent.command, prompt, None);
+        let launch = self.launch(prompt, &cwd.display().to_string(), None, now);
         let mut record = TaskRecord {
             name: name.clone(),
             id,
@@ -450,66 +587,288 @@ impl TaskEngine {
             error: None,
             cost_usd: None,
             runs: 1,
+            warm: false,
         };
-        self.spawn(&mut record, &argv, scratch, now)?;
+        self.spawn(&mut record, launch, scratch, now)?;
         self.records.push(record);
         self.prune();
         self.events.push_back(TaskEvent::Changed);
         Ok(name)
     }
 
-    /// A follow-up in the task's agent session, same name, same directory.
+    /// A follow-up in the task's agent session, same name, same directory: the next turn
+    /// of a warm agent (same process), else a new process resuming the session. A
+    /// kept-open agent that is working takes it in at its next step; a one-shot one is
+    /// still running.
     pub fn continue_task(
         &mut self,
         reference: &str,
         prompt: &str,
         now: Instant,
-    ) -> Result<String, TaskError> {
-        let prompt = self.accept_prompt(prompt)?;
-        let mut record = self.resolve(reference)?.clone();
+    ) -> Result<(String, Delivery), TaskError> {
+        self.deliver(reference, prompt, None, now)
+    }
+
+    /// `message_task`: text for the task's agent. Working, it takes it in at its next step
+    /// (`now_priority`: its turn is interrupted first, and the text follows at the turn's
+    /// end); warm, the text starts its next turn at once; finished, a new process resumes
+    /// the session with it.
+    pub fn message(
+        &mut self,
+        reference: &str,
+        text: &str,
+        now_priority: bool,
+        now: Instant,
+    ) -> Result<(String, Delivery), TaskError> {
+        self.deliver(reference, text, Some(now_priority), now)
+    }
+
+    /// `steer`: Some for `message_task` (with its `now`), None for `continue_task`.
+    fn deliver(
+        &mut self,
+        reference: &str,
+        text: &str,
+        steer: Option<bool>,
+        now: Instant,
+    ) -> Result<(String, Delivery), TaskError> {
+        let text = self.accept_prompt(text)?;
+        let record = self.resolve(reference)?.clone();
+        let name = record.name.clone();
+        if let Some(live) = self.live.get(&record.id) {
+            let Some(session) = live.run.session() else {
+                return Err(match steer {
+                    Some(_) => TaskError::OneShot(name),
+                    None => TaskError::StillRunning(name),
+                });
+            };
+            if live.run.stop_reason().is_some() {
+                return Err(TaskError::Agent {
+                    name,
+                    reason: "it is being stopped".into(),
+                });
+            }
+            let delivery = if live.run.agent_alive() && session.is_running() {
+                if steer == Some(true) {
+                    Delivery::AfterInterrupt
+                } else {
+                    Delivery::NextStep
+                }
+            } else if live.run.idle_since().is_some() {
+                Delivery::NextTurn
+            } else {
+                Delivery::AfterClose
+            };
+            if matches!(delivery, Delivery::NextTurn | Delivery::AfterClose) {
+                self.check_limit()?;
+            }
+            let id = record.id.clone();
+            let live = self.live.get_mut(&id).expect("looked up above");
+            if delivery == Delivery::AfterClose {
+                // The warm agent is on its way out: the session resumes in a new process
+                // once it is gone (see `finish`).
+                live.follow_up = Some(text.to_owned());
+            } else {
+                let session = live.run.session_mut().expect("kept open");
+                let uuid = session
+                    .send_message(text, steer == Some(true), now)
+                    .map_err(|e| TaskError::Agent {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                live.last_message = Some(uuid);
+            }
+            if matches!(delivery, Delivery::NextTurn | Delivery::AfterClose) {
+                if let Some(r) = self.record_mut(&name) {
+                    begin_run(r, text);
+                }
+                self.events.push_back(TaskEvent::Changed);
+            }
+            log::info!("task {name}: follow-up ({delivery:?})");
+            self.drive(&id, now);
+            return Ok((name, delivery));
+        }
         if record.state.is_running() {
-            return Err(TaskError::StillRunning(record.name));
+            return Err(TaskError::StillRunning(name));
         }
         let Some(session) = record.session_id.clone() else {
-            return Err(TaskError::NoSession(record.name));
+            return Err(TaskError::NoSession(name));
         };
         self.check_limit()?;
-        let mut argv = expand(&self.settings.agent.command, prompt, None);
-        argv.extend(expand(&self.settings.agent.resume, prompt, Some(&session)));
-        record.prompt = prompt.to_string();
-        record.runs += 1;
-        record.state = TaskState::Running;
-        record.ended_at = None;
-        record.exit_code = None;
-        record.summary = None;
-        record.result_text = None;
-        record.error = None;
-        record.started_at = crate::clock::now_rfc3339();
+        let mut record = record;
+        let launch = self.launch(text, &record.cwd, Some(&session), now);
+        begin_run(&mut record, text);
         // The scratch directory of the first run may be gone (removed by hand): the child
         // creates it again rather than failing to start.
         let scratch = record.project.is_none() && !Path::new(&record.cwd).is_dir();
-        self.spawn(&mut record, &argv, scratch, now)?;
-        let name = record.name.clone();
+        self.spawn(&mut record, launch, scratch, now)?;
         if let Some(slot) = self.record_mut(&name) {
             *slot = record;
         }
         self.events.push_back(TaskEvent::Changed);
+        Ok((name, Delivery::Resumed))
+    }
+
+    /// Ends the agent's current turn; its process and session stay for the next message.
+    pub fn interrupt(&mut self, reference: &str, now: Instant) -> Result<String, TaskError> {
+        let record = self.resolve(reference)?;
+        let (name, id) = (record.name.clone(), record.id.clone());
+        let Some(live) = self.live.get_mut(&id) else {
+            return Err(TaskError::NotRunning(name));
+        };
+        if live.run.stop_reason().is_some() || !live.run.agent_alive() {
+            return Err(TaskError::NotInTurn(name));
+        }
+        let Some(session) = live.run.session_mut() else {
+            return Err(TaskError::OneShot(name));
+        };
+        session
+            .interrupt(now)
+            .map_err(|_| TaskError::NotInTurn(name.clone()))?;
+        log::info!("task {name}: interrupting its turn");
+        self.drive(&id, now);
         Ok(name)
     }
 
-    /// Stops a running task and all its descendants. Returns its name; `cancelled` is
-    /// reported (as a [`TaskEvent::Finished`]) only once every process is gone.
+    /// Answers the permission request the task's agent waits on; returns the task's name
+    /// and what was asked ("run `npm test`"). `consent`: None when the user answers
+    /// themself (`walkie ctl approve`/`deny`); for the model, the requests the user has
+    /// answered since they were announced (the conversation core keeps that rule): the
+    /// oldest of the task's requests among them is answered, and none is an error.
+    pub fn answer(
+        &mut self,
+        reference: &str,
+        decision: Decision,
+        consent: Option<&[String]>,
+        now: Instant,
+    ) -> Result<(String, String), TaskError> {
+        let record = self.resolve(reference)?;
+        let (name, id) = (record.name.clone(), record.id.clone());
+        let session = self
+            .live
+            .get_mut(&id)
+            .filter(|l| l.run.stop_reason().is_none())
+            .and_then(|l| l.run.session_mut())
+            .filter(|s| !s.pending_permissions().is_empty())
+            .ok_or_else(|| TaskError::NotWaiting(name.clone()))?;
+        let request_id = match consent {
+            None => session.pending_permissions()[0].request_id.clone(),
+            Some(answered) => session
+                .pending_permissions()
+                .iter()
+                .find(|p| answered.contains(&p.request_id))
+                .map(|p| p.request_id.clone())
+                .ok_or_else(|| TaskError::NotAnswered(name.clone()))?,
+        };
+        let verdict = match &decision {
+            Decision::Allow => "allowed",
+            Decision::Always => "allowed (always)",
+            Decision::Deny { .. } => "denied",
+        };
+        let permission =
+            session
+                .answer(&request_id, decision, now)
+                .map_err(|e| TaskError::Agent {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        let asked = format!("{} {}", permission.verb, permission.object);
+        log::info!("task {name}: {verdict}: {asked}");
+        self.events.push_back(TaskEvent::PermissionClosed {
+            name: name.clone(),
+            request_id,
+            end: RequestEnd::Answered,
+        });
+        self.drive(&id, now);
+        Ok((name, asked))
+    }
+
+    /// What the task's agent is doing, while it runs or waits warm for a follow-up.
+    pub fn live_view(&self, record: &TaskRecord) -> Option<LiveView> {
+        let live = self.live.get(&record.id)?;
+        let Some(session) = live.run.session() else {
+            return Some(LiveView {
+                activity: Activity {
+                    what: "working".into(),
+                    since: live.started,
+                    turns: 0,
+                    last_sentence: live
+                        .run
+                        .parser()
+                        .last_text()
+                        .and_then(claude::last_sentence),
+                },
+                waiting_for: None,
+                last_message: None,
+                warm: false,
+                kept_open: false,
+            });
+        };
+        Some(LiveView {
+            activity: session.activity(),
+            waiting_for: session
+                .pending_permissions()
+                .first()
+                .map(|p| format!("{} {}", p.verb, p.object)),
+            last_message: live
+                .last_message
+                .as_deref()
+                .and_then(|uuid| session.message_status(uuid)),
+            warm: live.run.idle_since().is_some(),
+            kept_open: true,
+        })
+    }
+
+    /// The registry as `walkie ctl tasks --json` shows it: each record with what its agent
+    /// is doing now (`activity` in words, since when, turns so far, its last sentence, the
+    /// request it waits on).
+    pub fn tasks_json(&self, now: Instant) -> Vec<serde_json::Value> {
+        self.records
+            .iter()
+            .map(|record| {
+                let mut v = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
+                let view = self.live_view(record);
+                let activity = view.as_ref().map(|view| &view.activity);
+                v["activity"] = serde_json::json!(activity.map(|a| &a.what));
+                v["activity_since"] = serde_json::json!(activity.map(|a| rfc3339_at(now, a.since)));
+                v["turns"] = serde_json::json!(activity.map(|a| a.turns));
+                v["last_sentence"] =
+                    serde_json::json!(activity.and_then(|a| a.last_sentence.as_ref()));
+                v["waiting_for"] =
+                    serde_json::json!(view.as_ref().and_then(|v| v.waiting_for.as_ref()));
+                v
+            })
+            .collect()
+    }
+
+    /// Stops a task and all its descendants — a running one, or the warm agent of a
+    /// finished one. Returns its name; `cancelled` is reported (as a
+    /// [`TaskEvent::Finished`]) only once every process of a running task is gone; a warm
+    /// agent's task keeps the outcome it had.
     pub fn cancel(&mut self, reference: &str, now: Instant) -> Result<String, TaskError> {
         let record = self.resolve(reference)?;
         let name = record.name.clone();
-        if !record.state.is_running() {
-            return Err(TaskError::NotRunning(name));
-        }
         let id = record.id.clone();
+        let Some(live) = self.live.get_mut(&id) else {
+            return Err(TaskError::NotRunning(name));
+        };
+        if live.follow_up.take().is_some() {
+            // It waited for a warm agent to close: nothing of it ever ran.
+            if let Some(r) = self.records.iter_mut().find(|r| r.id == id) {
+                r.state = TaskState::Cancelled;
+                r.summary = Some("cancelled".into());
+                r.ended_at = Some(crate::clock::now_rfc3339());
+            }
+            self.events.push_back(TaskEvent::Finished {
+                name: name.clone(),
+                state: TaskState::Cancelled,
+                summary: "cancelled".into(),
+            });
+            self.events.push_back(TaskEvent::Changed);
+        }
         if let Some(live) = self.live.get_mut(&id) {
             live.run.handle_stop(now, StopReason::Cancel);
-            self.drive(&id, now);
         }
+        self.drive(&id, now);
         Ok(name)
     }
 
@@ -642,6 +1001,9 @@ impl TaskEngine {
     pub fn on_ready(&mut self, token: Token, now: Instant) {
         if self.watch.as_ref().is_some_and(|w| w.token == token) {
             self.on_cgroup_events(now);
+        } else if let Some(id) = self.stdin_tokens.get(&token).cloned() {
+            // A kept-open agent's stdin took what it could not before.
+            self.drive(&id, now);
         } else {
             self.read_pipe(token, now);
         }
@@ -731,7 +1093,7 @@ impl TaskEngine {
     }
 
     /// Carries out what run `id` asked for, then records what it reported, until it has
-    /// nothing more to say.
+    /// nothing more to say; then writes what its session has for the agent's stdin.
     fn drive(&mut self, id: &str, now: Instant) {
         loop {
             let Some(live) = self.live.get_mut(id) else {
@@ -746,12 +1108,260 @@ impl TaskEngine {
                     let name = live.name.clone();
                     self.events.push_back(TaskEvent::Started { name });
                 }
+                Some(Event::TurnFinished(outcome)) => self.turn_finished(id, outcome),
+                Some(Event::Session(event)) => self.session_event(id, event),
                 Some(Event::Finished(outcome)) => {
-                    self.finish(id, outcome);
+                    self.finish(id, outcome, now);
                     return;
                 }
-                None => return,
+                None => break,
             }
+        }
+        self.flush_stdin(id);
+        self.sync_state(id);
+        if std::mem::take(&mut self.warm_check) {
+            self.limit_warm(now);
+        }
+    }
+
+    /// Writes what the session of a kept-open run has for its agent's stdin, without
+    /// waiting: what the pipe does not take waits for WRITABLE. Drops the pipe (EOF) once
+    /// the session is closed and everything is written, or when the agent is gone (EPIPE).
+    fn flush_stdin(&mut self, id: &str) {
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        let (Some(session), Some(pipe)) = (live.run.session_mut(), live.stdin.as_mut()) else {
+            return;
+        };
+        let mut broken = None;
+        while !session.stdin_pending().is_empty() {
+            match pipe.tx.write(session.stdin_pending()) {
+                Ok(n) => session.stdin_written(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        let close = broken.is_some() || session.wants_stdin_closed();
+        let writable = !close && !session.stdin_pending().is_empty();
+        if close {
+            let mut pipe = live.stdin.take().expect("matched above");
+            if pipe.registered {
+                let _ = self.registry.deregister(&mut pipe.tx);
+            }
+            self.stdin_tokens.remove(&pipe.token);
+            self.pool.release(pipe.token);
+            match broken {
+                // The agent closed its stdin or is gone: its exit finishes the run.
+                Some(e) => log::warn!(
+                    "task {}: the agent stopped reading its input ({e})",
+                    live.name
+                ),
+                None => log::info!("task {}: closed its agent's input", live.name),
+            }
+        } else if writable != pipe.registered {
+            let done = if writable {
+                self.registry
+                    .register(&mut pipe.tx, pipe.token, Interest::WRITABLE)
+            } else {
+                self.registry.deregister(&mut pipe.tx)
+            };
+            match done {
+                Ok(()) => pipe.registered = writable,
+                Err(e) => log::error!("task {}: cannot watch the agent's input: {e}", live.name),
+            }
+        }
+    }
+
+    /// A kept-open run's record follows its session: `running` or `waiting` while a turn
+    /// runs, `warm` while it waits for a follow-up.
+    fn sync_state(&mut self, id: &str) {
+        let Some(live) = self.live.get(id) else {
+            return;
+        };
+        let Some(session) = live.run.session() else {
+            return;
+        };
+        let busy =
+            live.run.stop_reason().is_none() && live.run.agent_alive() && session.is_running();
+        let waiting = !session.pending_permissions().is_empty();
+        let warm = live.run.idle_since().is_some();
+        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
+        let mut changed = false;
+        if busy {
+            let state = if waiting {
+                TaskState::Waiting
+            } else {
+                TaskState::Running
+            };
+            if record.state != state {
+                if !record.state.is_running() {
+                    // A turn the agent started on its own (a late message): running again.
+                    record.ended_at = None;
+                    record.exit_code = None;
+                }
+                record.state = state;
+                changed = true;
+            }
+        }
+        if record.warm != warm {
+            record.warm = warm;
+            changed = true;
+        }
+        if changed {
+            self.events.push_back(TaskEvent::Changed);
+        }
+    }
+
+    /// At most `agent.max_warm` agents wait for a follow-up: the ones idle longest are
+    /// closed.
+    fn limit_warm(&mut self, now: Instant) {
+        let max = self.settings.agent.max_warm as usize;
+        let mut idle: Vec<(Instant, String)> = self
+            .live
+            .iter()
+            .filter_map(|(id, l)| Some((l.run.idle_since()?, id.clone())))
+            .collect();
+        if idle.len() <= max {
+            return;
+        }
+        idle.sort();
+        let excess = idle.len() - max;
+        for (_, id) in idle.into_iter().take(excess) {
+            if let Some(live) = self.live.get_mut(&id) {
+                log::info!(
+                    "task {}: closing its warm agent (agent.max_warm = {max})",
+                    live.name
+                );
+                live.run.handle_close(now);
+            }
+            self.drive(&id, now);
+        }
+    }
+
+    /// A turn of a kept-open run ended with nothing queued: its outcome is the task's, told
+    /// like a run's end; the agent stays warm for a follow-up.
+    fn turn_finished(&mut self, id: &str, outcome: Outcome) {
+        let Some(live) = self.live.get_mut(id) else {
+            return;
+        };
+        let Outcome {
+            state,
+            error,
+            summary,
+            result_text,
+            session_id,
+            files_changed,
+            cost_usd,
+            ..
+        } = outcome;
+        // As at a run's end: halves of keys split across the output's lines go too.
+        let output = live.tail.text();
+        let summary = redact::scrub(&summary, &output);
+        let error = error.map(|e| redact::scrub(&e, &output));
+        let result_text = result_text.map(|t| redact::scrub(&t, &output));
+        self.disk.note(
+            &live.logs.text,
+            &format!("=== {}: {summary}\n", state.as_str()),
+        );
+        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
+        record.state = state;
+        record.ended_at = Some(crate::clock::now_rfc3339());
+        record.exit_code = None;
+        record.summary = Some(summary.clone());
+        record.error = error;
+        record.result_text = result_text;
+        if session_id.is_some() {
+            record.session_id = session_id;
+        }
+        for f in files_changed {
+            if !record.files_changed.contains(&f) {
+                record.files_changed.push(f);
+            }
+        }
+        if cost_usd.is_some() {
+            record.cost_usd = cost_usd;
+        }
+        let name = record.name.clone();
+        log::info!(
+            "task {name} {}: {summary} (its agent waits for a follow-up)",
+            state.as_str()
+        );
+        self.events.push_back(TaskEvent::Finished {
+            name,
+            state,
+            summary,
+        });
+        self.events.push_back(TaskEvent::Changed);
+        self.warm_check = true;
+    }
+
+    /// What a kept-open agent's session reported: permission requests go to the
+    /// conversation; the rest is logged (`task_status` reads receipts when asked).
+    fn session_event(&mut self, id: &str, event: SessionEvent) {
+        let Some(live) = self.live.get(id) else {
+            return;
+        };
+        let name = live.name.clone();
+        match event {
+            SessionEvent::PermissionRequested { request_id } => {
+                let Some(p) = live.run.session().and_then(|s| {
+                    s.pending_permissions()
+                        .iter()
+                        .find(|p| p.request_id == request_id)
+                }) else {
+                    return;
+                };
+                log::info!("task {name} asks to {} {}", p.verb, p.object);
+                // Said aloud: a command is read as words, not as code.
+                let object = p.object.replace('`', "");
+                self.events.push_back(TaskEvent::PermissionAsked {
+                    name,
+                    request_id,
+                    verb: p.verb.to_owned(),
+                    object,
+                });
+            }
+            SessionEvent::PermissionWithdrawn { request_id } => {
+                log::info!("task {name}: its permission request was withdrawn");
+                self.events.push_back(TaskEvent::PermissionClosed {
+                    name,
+                    request_id,
+                    end: RequestEnd::Withdrawn,
+                });
+            }
+            SessionEvent::PermissionTimedOut { request_id } => {
+                log::warn!("task {name}: nobody answered its permission request: denied");
+                self.events.push_back(TaskEvent::PermissionClosed {
+                    name,
+                    request_id,
+                    end: RequestEnd::TimedOut,
+                });
+            }
+            SessionEvent::MessageTakenIn { .. } => {
+                log::debug!("task {name}: the agent took in a message")
+            }
+            SessionEvent::MessageDropped { .. } => {
+                log::warn!("task {name}: the agent went idle without taking in a message")
+            }
+            SessionEvent::InterruptAnswered { error: None } => {
+                log::info!("task {name}: the agent is ending its turn")
+            }
+            SessionEvent::InterruptAnswered { error: Some(e) } => {
+                log::warn!("task {name}: the agent refused the interrupt: {e}")
+            }
+            SessionEvent::Refused { subtype, .. } => log::warn!(
+                "task {name}: answered the agent's {subtype:?} control request with an error (walkie does not handle it)"
+            ),
+            SessionEvent::TurnEnded { .. } | SessionEvent::Idle => {}
         }
     }
 
@@ -1066,8 +1676,9 @@ impl TaskEngine {
         self.drive(&id, now);
     }
 
-    /// Records the outcome the core decided and retires the run.
-    fn finish(&mut self, id: &str, outcome: Outcome) {
+    /// Records the outcome the core decided and retires the run; a follow-up that waited
+    /// for it starts.
+    fn finish(&mut self, id: &str, outcome: Outcome, now: Instant) {
         let Some(mut live) = self.live.remove(id) else {
             return;
         };
@@ -1081,6 +1692,116 @@ impl TaskEngine {
             self.backlog.remove(&token);
             self.pool.release(token);
         }
+        if let Some(mut pipe) = live.stdin.take() {
+            if pipe.registered {
+                let _ = self.registry.deregister(&mut pipe.tx);
+            }
+            self.stdin_tokens.remove(&pipe.token);
+            self.pool.release(pipe.token);
+        }
+        // Requests nobody can answer any more (the process is gone).
+        for p in live
+            .run
+            .session()
+            .map(|s| s.pending_permissions())
+            .unwrap_or_default()
+        {
+            self.events.push_back(TaskEvent::PermissionClosed {
+                name: live.name.clone(),
+                request_id: p.request_id.clone(),
+                end: RequestEnd::Withdrawn,
+            });
+        }
+        let follow_up = live.follow_up.take();
+        if outcome.reported {
+            self.retire_quietly(live, outcome);
+        } else {
+            self.record_outcome(live, outcome);
+        }
+        if let Some(text) = follow_up {
+            self.resume_after_close(id, &text, now);
+        }
+        self.prune();
+    }
+
+    /// The end of an agent that waited, warm, for a follow-up: its task keeps the outcome
+    /// its last turn reported; only the process is gone.
+    fn retire_quietly(&mut self, mut live: Live, outcome: Outcome) {
+        let describe = match outcome.exit_code {
+            Some(code) if code > 128 => format!("was killed by signal {}", code - 128),
+            Some(code) => format!("exited with code {code}"),
+            None => "is gone".into(),
+        };
+        self.disk.note(
+            &live.logs.text,
+            &format!("=== the agent process {describe}\n"),
+        );
+        self.disk.close(live.logs.dir.clone());
+        self.disk.remove_all(live.tmpdir.clone());
+        self.release_cgroup(&mut live, outcome.stragglers);
+        let Some(record) = self.records.iter_mut().find(|r| r.id == live.id) else {
+            return;
+        };
+        record.pid = None;
+        record.pid_start_time = None;
+        record.warm = false;
+        record.exit_code = outcome.exit_code;
+        for f in outcome.files_changed {
+            if !record.files_changed.contains(&f) {
+                record.files_changed.push(f);
+            }
+        }
+        log::info!("task {}: its warm agent {describe}", record.name);
+        self.events.push_back(TaskEvent::Changed);
+    }
+
+    fn release_cgroup(&mut self, live: &mut Live, stragglers: usize) {
+        if let Some(cg) = live.cgroup.take() {
+            if let (Some(watch), Some(wd)) = (self.watch.as_mut(), live.watch.take()) {
+                watch.tasks.remove(&wd);
+                let _ = watch.inotify.rm_watch(wd);
+            }
+            if stragglers == 0 {
+                self.members.remove_cgroup(cg.dir);
+            }
+        }
+    }
+
+    /// A follow-up came while the task's warm agent was closing: the session resumes in a
+    /// new process now that the old one is gone.
+    fn resume_after_close(&mut self, id: &str, text: &str, now: Instant) {
+        let Some(mut record) = self.records.iter().find(|r| r.id == id).cloned() else {
+            return;
+        };
+        let started = match record.session_id.clone() {
+            Some(session) => {
+                let launch = self.launch(text, &record.cwd, Some(&session), now);
+                let scratch = record.project.is_none() && !Path::new(&record.cwd).is_dir();
+                self.spawn(&mut record, launch, scratch, now)
+            }
+            None => Err(TaskError::NoSession(record.name.clone())),
+        };
+        if let Err(e) = started {
+            let summary = redact::speech_summary(&e.to_string(), 300);
+            log::warn!("task {}: the follow-up could not start: {e}", record.name);
+            record.state = TaskState::Failed;
+            record.ended_at = Some(crate::clock::now_rfc3339());
+            record.error = Some(summary.clone());
+            record.summary = Some(summary.clone());
+            self.events.push_back(TaskEvent::Finished {
+                name: record.name.clone(),
+                state: TaskState::Failed,
+                summary,
+            });
+        }
+        if let Some(slot) = self.records.iter_mut().find(|r| r.id == id) {
+            *slot = record;
+        }
+        self.events.push_back(TaskEvent::Changed);
+    }
+
+    /// Records the outcome of a run that ended.
+    fn record_outcome(&mut self, mut live: Live, outcome: Outcome) {
         let Outcome {
             state,
             exit_code,
@@ -1091,6 +1812,7 @@ impl TaskEngine {
             files_changed,
             cost_usd,
             stragglers,
+            reported: _,
         } = outcome;
         // The output shows keys split across its lines: their halves go from what was
         // derived from it by another path (the final answer, a failure reason) too.
@@ -1111,19 +1833,12 @@ impl TaskEngine {
         self.disk.close(live.logs.dir.clone());
         // The agent's temp files are its own business.
         self.disk.remove_all(live.tmpdir.clone());
-        if let Some(cg) = live.cgroup.take() {
-            if let (Some(watch), Some(wd)) = (self.watch.as_mut(), live.watch.take()) {
-                watch.tasks.remove(&wd);
-                let _ = watch.inotify.rm_watch(wd);
-            }
-            if stragglers == 0 {
-                self.members.remove_cgroup(cg.dir);
-            }
-        }
-        let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
+        self.release_cgroup(&mut live, stragglers);
+        let Some(record) = self.records.iter_mut().find(|r| r.id == live.id) else {
             return;
         };
         record.state = state;
+        record.warm = false;
         record.pid = None;
         record.pid_start_time = None;
         record.ended_at = Some(crate::clock::now_rfc3339());
@@ -1150,7 +1865,6 @@ impl TaskEngine {
             summary,
         });
         self.events.push_back(TaskEvent::Changed);
-        self.prune();
     }
 
     // ---- starting ----
@@ -1224,7 +1938,50 @@ impl TaskEngine {
         })
     }
 
-    fn environment(&self, record: &TaskRecord, tmpdir: &Path) -> Vec<(String, String)> {
+    /// How a run of `prompt` starts with the protocol in use. Kept open: `agent.command`,
+    /// the protocol's flags (the permission mode as configured), `agent.resume` for a
+    /// follow-up, and the prompt queued as the first user line — never in argv, so never in
+    /// `ps`. One-shot: `{prompt}` in the command, as before.
+    fn launch(&self, prompt: &str, cwd: &str, resume: Option<&str>, now: Instant) -> Launch {
+        let agent = &self.settings.agent;
+        match agent.protocol_in_use().0 {
+            AgentProtocol::Claude => {
+                let mut argv = agent.command.clone();
+                argv.extend(claude::agent_args(&agent.permission_mode));
+                if let Some(session) = resume {
+                    argv.extend(expand(&agent.resume, "", Some(session)));
+                }
+                let session = ClaudeSession::new(
+                    prompt,
+                    cwd,
+                    Duration::from_secs(agent.approval_timeout_s),
+                    fastrand::u64(..),
+                    now,
+                );
+                Launch {
+                    argv,
+                    session: Some(session),
+                }
+            }
+            AgentProtocol::Oneshot => {
+                let mut argv = expand(&agent.command, prompt, None);
+                if let Some(session) = resume {
+                    argv.extend(expand(&agent.resume, prompt, Some(session)));
+                }
+                Launch {
+                    argv,
+                    session: None,
+                }
+            }
+        }
+    }
+
+    fn environment(
+        &self,
+        record: &TaskRecord,
+        tmpdir: &Path,
+        kept_open: bool,
+    ) -> Vec<(String, String)> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for var in &self.settings.agent.env_pass {
             if let Ok(v) = std::env::var(var) {
@@ -1239,6 +1996,11 @@ impl TaskEngine {
         env.remove("OPENAI_API_KEY");
         env.insert("TMPDIR".into(), tmpdir.display().to_string());
         env.insert(MARKER_VAR.into(), record.id.clone());
+        if kept_open {
+            // Session-state lines say when queued messages have all been handled.
+            let (var, value) = claude::SESSION_STATE_ENV;
+            env.insert(var.into(), value.into());
+        }
         env.into_iter().collect()
     }
 
@@ -1247,20 +2009,27 @@ impl TaskEngine {
     fn spawn(
         &mut self,
         record: &mut TaskRecord,
-        argv: &[String],
+        launch: Launch,
         new_cwd: bool,
         now: Instant,
     ) -> Result<(), TaskError> {
+        let Launch { argv, session } = launch;
         let Some((program, args)) = argv.split_first() else {
             return Err(TaskError::Spawn("agent.command is empty".into()));
         };
-        let mut run = Lifecycle::new(lifecycle::Settings {
+        let settings = lifecycle::Settings {
             cancel_grace: Duration::from_millis(self.settings.agent.cancel_grace_ms),
             sweep_grace: Duration::from_millis(self.settings.agent.cancel_grace_ms)
                 .min(SWEEP_GRACE_MAX),
             watched: self.watch.is_some(),
-            output: OutputKind::of_command(argv),
-        });
+            output: OutputKind::of_command(&argv),
+            warm: Duration::from_secs(self.settings.agent.warm_s),
+        };
+        let kept_open = session.is_some();
+        let mut run = match session {
+            Some(session) => Lifecycle::kept_open(settings, session),
+            None => Lifecycle::new(settings),
+        };
         if run.poll_action() != Some(Action::Spawn) {
             return Err(TaskError::Spawn(
                 "internal: the run did not ask to start".into(),
@@ -1297,8 +2066,12 @@ impl TaskEngine {
         let mut cmd = Command::new(program);
         cmd.args(args)
             .env_clear()
-            .envs(self.environment(record, &tmpdir))
-            .stdin(Stdio::null())
+            .envs(self.environment(record, &tmpdir, kept_open))
+            .stdin(if kept_open {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         crate::sys::process::agent_pre_exec(
@@ -1337,6 +2110,26 @@ impl TaskEngine {
         // The child is reaped by `reap` (waitpid(-1)); std's handle is only a bag of pipes.
         let stdout = child.stdout.take().map(Receiver::from);
         let stderr = child.stderr.take().map(Receiver::from);
+        // Registered for WRITABLE only while the session has bytes the pipe did not take
+        // (see `flush_stdin`); without a token or non-blocking mode it is dropped: the
+        // agent sees EOF and ends.
+        let stdin = child.stdin.take().map(Sender::from).and_then(|tx| {
+            let token = tx
+                .set_nonblocking(true)
+                .ok()
+                .and_then(|()| self.pool.take());
+            match token {
+                Some(token) => Some(StdinPipe {
+                    token,
+                    tx,
+                    registered: false,
+                }),
+                None => {
+                    log::error!("task {}: cannot keep the agent's input open", record.name);
+                    None
+                }
+            }
+        });
         drop(child);
         let pidfd = crate::sys::process::pidfd_open(pid).ok();
         let start_time = proc::stat(pid).map(|s| s.start_time);
@@ -1391,7 +2184,14 @@ impl TaskEngine {
             watch,
             followed: false,
             redactor: OutputRedactor::new(),
+            started: now,
+            stdin,
+            last_message: None,
+            follow_up: None,
         };
+        if let Some(pipe) = &live.stdin {
+            self.stdin_tokens.insert(pipe.token, record.id.clone());
+        }
         let mut unwatched = Vec::new();
         for (pipe, rx) in [(Pipe::Stdout, stdout), (Pipe::Stderr, stderr)] {
             let Some(mut rx) = rx else {
@@ -1448,8 +2248,10 @@ impl TaskEngine {
         }
         let mut excess = finished - KEEP_FINISHED;
         let mut removed = Vec::new();
+        let live = &self.live;
         self.records.retain(|r| {
-            if excess > 0 && !r.state.is_running() {
+            // A warm agent's task stays while its process lives.
+            if excess > 0 && !r.state.is_running() && !live.contains_key(&r.id) {
                 excess -= 1;
                 removed.push(r.name.clone());
                 false
@@ -1521,6 +2323,29 @@ fn render(ev: &StreamEvent, out: &mut String) {
     };
 }
 
+/// A record about to run again with `prompt` (a follow-up): running, its last outcome
+/// cleared.
+fn begin_run(record: &mut TaskRecord, prompt: &str) {
+    record.prompt = prompt.to_string();
+    record.runs += 1;
+    record.state = TaskState::Running;
+    record.ended_at = None;
+    record.exit_code = None;
+    record.summary = None;
+    record.result_text = None;
+    record.error = None;
+    record.warm = false;
+    record.started_at = crate::clock::now_rfc3339();
+}
+
+/// The wall-clock time of `at`, a monotonic instant before `now`, in RFC 3339.
+fn rfc3339_at(now: Instant, at: Instant) -> String {
+    let wall = std::time::SystemTime::now()
+        .checked_sub(now.saturating_duration_since(at))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    crate::clock::rfc3339(wall)
+}
+
 /// Expands `{prompt}` and `{session}` in an argv template; no shell is involved, so the
 /// prompt is one argument whatever it contains.
 pub fn expand(template: &[String], prompt: &str, session: Option<&str>) -> Vec<String> {
@@ -1569,6 +2394,8 @@ pub(crate) mod rig {
             );
             let settings = EngineSettings {
                 agent: AgentConfig {
+                    // Plain commands, one run each.
+                    protocol: AgentProtocol::Oneshot,
                     command: command.iter().map(|s| s.to_string()).collect(),
                     max_running: 2,
                     cancel_grace_ms: 200,
@@ -1650,6 +2477,7 @@ pub(crate) mod rig {
             error: None,
             cost_usd: None,
             runs: 1,
+            warm: false,
         }
     }
 }

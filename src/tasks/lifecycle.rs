@@ -26,18 +26,24 @@
 //!   both pipes reached EOF (or a short grace passed: a stray that escaped every kind of
 //!   membership may hold them forever).
 //!
-//! What a process still carries after a turn (stdin kept open, a warm agent between turns,
-//! an interrupt that is not a kill) fits here as further inputs and a turn outcome decided
-//! at the `result` line; this module decides the outcome of a whole run.
+//! A run of an agent kept open on stdin (`agent.protocol = "claude"`) carries its
+//! [`ClaudeSession`] here: the stdout events the parser finds are fed to it, and its turns
+//! decide the task's outcome. A turn's `result` with nothing more queued is the outcome the
+//! user hears ([`Event::TurnFinished`]); the process then waits, warm, for a follow-up, and
+//! its stdin is closed after [`Settings::warm`] (or earlier, [`Lifecycle::handle_close`]).
+//! The exit of a process that was idle changes nothing the user was told (an interrupted
+//! last turn makes the CLI exit 1: that is not a failure); only a crash in the middle of a
+//! turn, a cancel or a shutdown of a busy run decide a new outcome.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
+use super::claude::{ClaudeSession, SessionEvent};
 use super::record::TaskState;
 use super::redact::{self, Keep};
-use super::stream::{self, ExitInfo, OutputKind, StreamEvent, StreamParser, Verdict};
+use super::stream::{self, ExitInfo, OutputKind, ResultLine, StreamEvent, StreamParser, Verdict};
 
 /// After nothing of the task is left, how long to wait for the pipes' EOF.
 pub const PIPE_GRACE: Duration = Duration::from_millis(300);
@@ -65,6 +71,9 @@ pub struct Settings {
     pub watched: bool,
     /// What the agent's stdout should be (from its command): decides a run without result.
     pub output: OutputKind,
+    /// A run kept open on stdin: how long its agent waits between turns for a follow-up
+    /// before walkie closes its stdin (`agent.warm_s`).
+    pub warm: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +120,17 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
+    /// A run kept open on stdin ended a turn with nothing more queued: the task is done for
+    /// the user (this outcome is announced), and its process waits, warm, for a follow-up.
+    TurnFinished(Outcome),
+    /// What the agent's session reported that the shell passes on: permission requests and
+    /// their end, message receipts, interrupt answers, refused control requests. (Turn ends
+    /// come as [`Event::TurnFinished`].)
+    Session(SessionEvent),
+    /// The run is over: no process of it is left.
     Finished(Outcome),
 }
 
@@ -130,6 +149,9 @@ pub struct Outcome {
     pub cost_usd: Option<f64>,
     /// Processes still alive when walkie gave up on them.
     pub stragglers: usize,
+    /// The task's outcome was already reported at its last turn ([`Event::TurnFinished`]):
+    /// the run only ended a process that waited for a follow-up, so nothing new is said.
+    pub reported: bool,
 }
 
 /// A membership report: the task's processes found alive (before `signal` reached them).
@@ -187,11 +209,30 @@ pub struct Lifecycle {
     stragglers: usize,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
+    /// The agent's stdin kept open (`agent.protocol = "claude"`); `None` for a one-shot run.
+    session: Option<ClaudeSession>,
+    /// The latest turn's `result`, until the session goes idle and it is reported.
+    turn_result: Option<ResultLine>,
+    /// The outcome last reported with [`Event::TurnFinished`].
+    last_turn: Option<Outcome>,
+    /// A stop came while the agent ran: whether it was in the middle of a turn (the stop
+    /// ends work, not only a process waiting for a follow-up).
+    busy_at_stop: Option<bool>,
 }
 
 impl Lifecycle {
-    /// A run about to start: its first action is [`Action::Spawn`].
+    /// A one-shot run about to start: its first action is [`Action::Spawn`].
     pub fn new(settings: Settings) -> Lifecycle {
+        Lifecycle::with_session(settings, None)
+    }
+
+    /// A run whose agent is kept open on stdin and spoken to through `session` (which has
+    /// queued the prompt as the first user line); its first action is [`Action::Spawn`].
+    pub fn kept_open(settings: Settings, session: ClaudeSession) -> Lifecycle {
+        Lifecycle::with_session(settings, Some(session))
+    }
+
+    fn with_session(settings: Settings, session: Option<ClaudeSession>) -> Lifecycle {
         Lifecycle {
             settings,
             phase: Phase::Starting,
@@ -207,6 +248,10 @@ impl Lifecycle {
             stragglers: 0,
             actions: VecDeque::from([Action::Spawn]),
             events: VecDeque::new(),
+            session,
+            turn_result: None,
+            last_turn: None,
+            busy_at_stop: None,
         }
     }
 
@@ -222,13 +267,15 @@ impl Lifecycle {
     /// appended to `out` (the shell renders them for the log and followers).
     pub fn handle_output(
         &mut self,
-        _now: Instant,
+        now: Instant,
         pipe: Pipe,
         bytes: &[u8],
         out: &mut Vec<StreamEvent>,
     ) {
         if pipe == Pipe::Stdout && self.open[0] {
+            let from = out.len();
             self.parser.feed(bytes, out);
+            self.tell_session(now, &out[from..]);
         }
     }
 
@@ -240,7 +287,9 @@ impl Lifecycle {
         }
         self.open[index] = false;
         if pipe == Pipe::Stdout {
+            let from = out.len();
             self.parser.finish(out);
+            self.tell_session(now, &out[from..]);
         }
         self.maybe_finish(now);
     }
@@ -310,6 +359,14 @@ impl Lifecycle {
         if self.stop == Some(reason) || self.stop == Some(StopReason::Cancel) {
             return true;
         }
+        if let (None, Phase::Running, Some(session)) =
+            (self.stop, self.phase, self.session.as_mut())
+        {
+            self.busy_at_stop = Some(session.is_running());
+            // An idle agent exits at EOF on its own; a busy one gets the signals below too.
+            // Its pending requests are withdrawn (nobody can answer them any more).
+            session.close();
+        }
         self.stop = Some(reason);
         if self.phase == Phase::Running {
             // SIGINT first: the CLI then stops its own Bash children and reports.
@@ -339,6 +396,15 @@ impl Lifecycle {
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.phase {
             Phase::Running => {
+                let warm_until = self.warm_until();
+                if let Some(session) = self.session.as_mut() {
+                    if session.poll_timeout().is_some_and(|t| now >= t) {
+                        session.handle_timeout(now);
+                    }
+                    if warm_until.is_some_and(|t| now >= t) {
+                        session.close();
+                    }
+                }
                 let Some(mut esc) = self.escalation else {
                     return;
                 };
@@ -396,9 +462,16 @@ impl Lifecycle {
     /// The next instant [`Lifecycle::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Running => self
-                .escalation
-                .and_then(|e| [e.term_at, e.kill_at].into_iter().flatten().min()),
+            Phase::Running => {
+                let escalation = self
+                    .escalation
+                    .and_then(|e| [e.term_at, e.kill_at].into_iter().flatten().min());
+                let session = self.session.as_ref().and_then(ClaudeSession::poll_timeout);
+                [escalation, session, self.warm_until()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
             Phase::Sweeping {
                 started,
                 kill_at,
@@ -420,7 +493,40 @@ impl Lifecycle {
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
+        self.pump_session();
         self.events.pop_front()
+    }
+
+    /// The session of a run kept open on stdin: the shell calls its verbs (send a message,
+    /// interrupt, answer), writes what it has for the agent's stdin, and drains its events
+    /// through [`Lifecycle::poll_event`].
+    pub fn session(&self) -> Option<&ClaudeSession> {
+        self.session.as_ref()
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut ClaudeSession> {
+        self.session.as_mut()
+    }
+
+    /// Since when the agent of a run kept open waits, warm, for a follow-up (None while it
+    /// works, once its stdin is being closed, and after a stop).
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.phase != Phase::Running || self.stop.is_some() {
+            return None;
+        }
+        self.session.as_ref()?.idle_since()
+    }
+
+    /// walkie no longer keeps this agent warm (`agent.max_warm`): if it waits between
+    /// turns, its stdin is closed and it exits. Returns whether it did.
+    pub fn handle_close(&mut self, _now: Instant) -> bool {
+        if self.idle_since().is_none() {
+            return false;
+        }
+        if let Some(session) = self.session.as_mut() {
+            session.close();
+        }
+        true
     }
 
     /// The agent has not been reaped yet (its pid still names it).
@@ -443,6 +549,64 @@ impl Lifecycle {
     }
 
     // ---- internals ----
+
+    /// When an idle agent's warm time is over.
+    fn warm_until(&self) -> Option<Instant> {
+        self.idle_since()?.checked_add(self.settings.warm)
+    }
+
+    /// Stdout events, in order, to the session of a run kept open.
+    fn tell_session(&mut self, now: Instant, events: &[StreamEvent]) {
+        if let Some(session) = self.session.as_mut() {
+            for event in events {
+                session.handle_event(now, event);
+            }
+        }
+    }
+
+    /// Turns what the session reported into events: a turn's end with nothing queued is
+    /// the task's outcome (unless a stop decides it); the rest is passed on.
+    fn pump_session(&mut self) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let reported: Vec<SessionEvent> = std::iter::from_fn(|| session.poll_event()).collect();
+        for event in reported {
+            match event {
+                SessionEvent::TurnEnded { result, .. } => self.turn_result = Some(result),
+                SessionEvent::Idle => {
+                    let result = self.turn_result.take();
+                    if self.stop.is_none() && self.phase == Phase::Running {
+                        let outcome = self.turn_outcome(result);
+                        self.last_turn = Some(outcome.clone());
+                        self.events.push_back(Event::TurnFinished(outcome));
+                    }
+                }
+                other => self.events.push_back(Event::Session(other)),
+            }
+        }
+    }
+
+    /// The outcome of the turn that ended with `result` (None: the agent went idle without
+    /// taking in the message that was to start a turn).
+    fn turn_outcome(&self, result: Option<ResultLine>) -> Outcome {
+        let (state, error) = match result.as_ref().map(stream::turn_verdict) {
+            Some(Verdict::Succeeded) => (TaskState::Succeeded, None),
+            Some(Verdict::Failed { reason }) => (TaskState::Failed, Some(reason)),
+            Some(Verdict::Interrupted { reason }) => (TaskState::Interrupted, Some(reason)),
+            None => (
+                TaskState::Interrupted,
+                Some("the agent went idle without taking in the message".to_owned()),
+            ),
+        };
+        let final_text = result
+            .as_ref()
+            .and_then(|r| r.text.clone())
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| self.parser.last_text().map(str::to_string));
+        let cost = result.as_ref().and_then(|r| r.total_cost_usd);
+        self.report(state, error, final_text, None, cost)
+    }
 
     fn poll_interval(&self) -> Duration {
         if self.settings.watched {
@@ -498,15 +662,44 @@ impl Lifecycle {
     }
 
     /// Decides how the run ended, from the stop request, an OOM kill, the parsed stream and
-    /// the exit status.
+    /// the exit status; for a run kept open on stdin, from its turns first.
     fn outcome(&self) -> Outcome {
         let exit = self
             .exit
             .unwrap_or(ExitInfo::Signal(Signal::SIGKILL as i32));
-        let verdict = stream::verdict(&self.parser, exit, self.settings.output);
+        let exit_code = self.exit.map(|e| match e {
+            ExitInfo::Code(c) => c,
+            ExitInfo::Signal(s) => 128 + s,
+        });
+        let mut mid_turn = false;
+        if let Some(session) = &self.session {
+            // The exit of an agent that waited between turns says nothing new: its last
+            // turn's outcome stands (an interrupted last turn makes the CLI exit 1).
+            let busy = self.busy_at_stop.unwrap_or_else(|| session.is_running());
+            if let (false, Some(last)) = (busy, &self.last_turn) {
+                if self.oom {
+                    log::warn!("the agent was killed for memory while it waited for a follow-up");
+                }
+                return Outcome {
+                    exit_code,
+                    stragglers: self.stragglers,
+                    reported: true,
+                    files_changed: self.parser.files_changed().to_vec(),
+                    ..last.clone()
+                };
+            }
+            mid_turn = session.turns() > 0;
+        }
+        // Mid-turn after earlier turns, the stream's last result is an earlier turn's.
+        let verdict = if mid_turn {
+            stream::verdict_mid_turn(exit)
+        } else {
+            stream::verdict(&self.parser, exit, self.settings.output)
+        };
         let final_text = self
             .parser
             .result()
+            .filter(|_| !mid_turn)
             .and_then(|r| r.text.clone())
             .or_else(|| self.parser.last_text().map(str::to_string))
             .or_else(|| {
@@ -522,6 +715,19 @@ impl Lifecycle {
             (None, Verdict::Failed { reason }) => (TaskState::Failed, Some(reason)),
             (None, Verdict::Interrupted { reason }) => (TaskState::Interrupted, Some(reason)),
         };
+        let cost = self.parser.result().and_then(|r| r.total_cost_usd);
+        self.report(state, error, final_text, exit_code, cost)
+    }
+
+    /// An outcome ready for the registry: everything in it redacted, the summary short.
+    fn report(
+        &self,
+        state: TaskState,
+        error: Option<String>,
+        final_text: Option<String>,
+        exit_code: Option<i32>,
+        cost_usd: Option<f64>,
+    ) -> Outcome {
         // The state is said next to the summary everywhere (announcements, `ctl tasks`,
         // events), so the summary says why and never repeats it.
         let summary = match (state, &error) {
@@ -536,17 +742,15 @@ impl Lifecycle {
         };
         Outcome {
             state,
-            exit_code: self.exit.map(|e| match e {
-                ExitInfo::Code(c) => c,
-                ExitInfo::Signal(s) => 128 + s,
-            }),
+            exit_code,
             error: error.map(|e| redact::redact(&e)),
             summary,
             result_text: final_text.map(|t| redact::excerpt(&t, RESULT_TEXT_CHARS, Keep::Head)),
             session_id: self.parser.session_id().map(str::to_string),
             files_changed: self.parser.files_changed().to_vec(),
-            cost_usd: self.parser.result().and_then(|r| r.total_cost_usd),
+            cost_usd,
             stragglers: self.stragglers,
+            reported: false,
         }
     }
 }
@@ -675,6 +879,7 @@ mod tests {
                     sweep_grace: Duration::from_millis(400),
                     watched,
                     output: OutputKind::StreamJson,
+                    warm: Duration::from_millis(5000),
                 }),
                 t0: Instant::now(),
                 events: Vec::new(),
@@ -1027,6 +1232,220 @@ mod tests {
         assert_eq!(rig.actions(), [probe(None)]);
         rig.members(51, 0);
         assert!(rig.finished().is_some());
+    }
+
+    // ---- runs kept open on stdin ----
+
+    const APPROVAL: Duration = Duration::from_secs(600);
+    const ASK: &[u8] = b"{\"type\":\"control_request\",\"request_id\":\"r1\",\"request\":{\"subtype\":\"can_use_tool\",\"tool_name\":\"Bash\",\"input\":{\"command\":\"npm test\"}}}\n";
+
+    impl Rig {
+        /// A kept-open run (warm 5 s) whose prompt has been written to the agent.
+        fn kept_open() -> Rig {
+            let t0 = Instant::now();
+            let mut session = ClaudeSession::new("go", "/cwd", APPROVAL, 1, t0);
+            session.stdin_written(usize::MAX);
+            let mut rig = Rig {
+                run: Lifecycle::kept_open(
+                    Settings {
+                        cancel_grace: Duration::from_millis(1000),
+                        sweep_grace: Duration::from_millis(400),
+                        watched: false,
+                        output: OutputKind::StreamJson,
+                        warm: Duration::from_millis(5000),
+                    },
+                    session,
+                ),
+                t0,
+                events: Vec::new(),
+            };
+            assert_eq!(rig.actions(), [Action::Spawn]);
+            rig.run.handle_spawned(t0, 4242);
+            assert_eq!(rig.run.poll_event(), Some(Event::Started { pid: 4242 }));
+            rig
+        }
+
+        fn turn_finished(&mut self) -> Outcome {
+            match self.run.poll_event() {
+                Some(Event::TurnFinished(o)) => o,
+                other => panic!("expected a turn's end, got {other:?}"),
+            }
+        }
+
+        /// What the session has for the agent's stdin, as JSON lines (then written).
+        fn stdin(&mut self) -> Vec<serde_json::Value> {
+            let session = self.run.session_mut().unwrap();
+            let text = String::from_utf8(session.stdin_pending().to_vec()).unwrap();
+            session.stdin_written(usize::MAX);
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+
+        /// The agent exits (code `code`) and nothing of it is left.
+        fn gone(&mut self, ms: u64, code: i32) -> Outcome {
+            self.exit(ms, ExitInfo::Code(code));
+            self.members(ms + 1, 0);
+            self.eof(ms + 2);
+            self.finished().expect("finished")
+        }
+    }
+
+    #[test]
+    fn a_turn_is_the_outcome_and_the_exit_of_the_warm_agent_says_nothing_new() {
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        rig.out(20, SUCCESS);
+        let turn = rig.turn_finished();
+        assert_eq!(turn.state, TaskState::Succeeded);
+        assert_eq!(turn.summary, "All fixed.");
+        assert_eq!(turn.exit_code, None, "the process lives on");
+        assert!(!turn.reported);
+        assert_eq!(turn.cost_usd, Some(0.25));
+        assert_eq!(rig.run.idle_since(), Some(rig.at(20)));
+        // Warm for 5 s, then its stdin is closed (EOF ends the CLI).
+        assert_eq!(rig.run.poll_timeout(), Some(rig.at(5020)));
+        assert_eq!(rig.run_to(5019), []);
+        assert!(!rig.run.session().unwrap().wants_stdin_closed());
+        assert_eq!(rig.run_to(5020), [], "no signal: EOF is enough");
+        assert!(rig.run.session().unwrap().wants_stdin_closed());
+        assert_eq!(rig.run.idle_since(), None);
+        // The exit after it changes nothing the user was told.
+        let outcome = rig.gone(5050, 0);
+        assert!(outcome.reported);
+        assert_eq!(outcome.state, TaskState::Succeeded);
+        assert_eq!(outcome.summary, "All fixed.");
+        assert_eq!(outcome.exit_code, Some(0));
+    }
+
+    #[test]
+    fn an_interrupted_last_turn_exits_1_and_is_no_failure() {
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        let at = rig.at(15);
+        rig.run.session_mut().unwrap().interrupt(at).unwrap();
+        assert_eq!(rig.stdin()[0]["request"]["subtype"], "interrupt");
+        rig.out(20, INTERRUPTED);
+        let turn = rig.turn_finished();
+        assert_eq!(turn.state, TaskState::Interrupted);
+        assert!(turn.summary.contains("follow-up"), "{}", turn.summary);
+        let at = rig.at(30);
+        assert!(rig.run.handle_close(at), "idle: closed");
+        assert!(!rig.run.handle_close(at), "once");
+        // The interrupt-stream fixture: the CLI exits 1 after an interrupted last turn.
+        let outcome = rig.gone(60, 1);
+        assert!(outcome.reported);
+        assert_eq!(outcome.state, TaskState::Interrupted);
+        assert_eq!(outcome.exit_code, Some(1));
+    }
+
+    #[test]
+    fn a_crash_in_the_middle_of_a_turn_fails_the_task() {
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        rig.out(20, SUCCESS);
+        rig.turn_finished();
+        // A follow-up to the warm agent starts its next turn; it dies in it.
+        let at = rig.at(30);
+        rig.run
+            .session_mut()
+            .unwrap()
+            .send_message("more", false, at)
+            .unwrap();
+        assert_eq!(rig.run.idle_since(), None, "working again");
+        assert_eq!(rig.run.poll_timeout(), None, "no warm timer while it works");
+        let outcome = rig.gone(40, 1);
+        assert!(!outcome.reported);
+        assert_eq!(outcome.state, TaskState::Failed);
+        assert_eq!(
+            outcome.error.as_deref(),
+            Some("the agent exited with code 1 in the middle of a turn"),
+            "not the earlier turn's success"
+        );
+        // Before any result: the one-shot rule.
+        let mut rig = Rig::kept_open();
+        let outcome = rig.gone(40, 1);
+        assert_eq!(outcome.state, TaskState::Failed);
+        assert!(outcome.error.unwrap().contains("code 1"));
+    }
+
+    #[test]
+    fn a_cancel_of_a_busy_run_is_cancelled_and_of_a_warm_one_keeps_its_outcome() {
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        rig.out(20, ASK);
+        assert_eq!(
+            rig.run.poll_event(),
+            Some(Event::Session(SessionEvent::PermissionRequested {
+                request_id: "r1".into()
+            }))
+        );
+        // Cancel of a waiting agent: its request is withdrawn, the signals go as ever.
+        assert_eq!(
+            rig.stop(30, StopReason::Cancel),
+            [signal(Target::Group, Signal::SIGINT)]
+        );
+        assert_eq!(
+            rig.run.poll_event(),
+            Some(Event::Session(SessionEvent::PermissionWithdrawn {
+                request_id: "r1".into()
+            }))
+        );
+        assert!(rig.run.session().unwrap().wants_stdin_closed());
+        rig.out(40, INTERRUPTED);
+        let outcome = rig.gone(50, 0);
+        assert_eq!(outcome.state, TaskState::Cancelled);
+        assert!(!outcome.reported);
+
+        // Cancel of a warm agent: everything stops, the outcome stands.
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        rig.out(20, SUCCESS);
+        rig.turn_finished();
+        assert_eq!(
+            rig.stop(30, StopReason::Cancel),
+            [signal(Target::Group, Signal::SIGINT)]
+        );
+        assert_eq!(rig.run.idle_since(), None);
+        // The CLI may answer the SIGINT with a result of its own: no new turn.
+        rig.out(35, INTERRUPTED);
+        let outcome = rig.gone(50, 0);
+        assert!(outcome.reported);
+        assert_eq!(outcome.state, TaskState::Succeeded);
+        // So does a shutdown.
+        let mut rig = Rig::kept_open();
+        rig.out(20, SUCCESS);
+        rig.turn_finished();
+        rig.stop(30, StopReason::Shutdown);
+        assert_eq!(rig.gone(50, 0).state, TaskState::Succeeded);
+    }
+
+    #[test]
+    fn an_unanswered_request_is_denied_at_its_deadline() {
+        let mut rig = Rig::kept_open();
+        rig.out(10, INIT);
+        rig.out(20, ASK);
+        rig.run.poll_event();
+        let deadline = rig.t0 + Duration::from_millis(20) + APPROVAL;
+        assert_eq!(rig.run.poll_timeout(), Some(deadline));
+        rig.run.handle_timeout(deadline);
+        assert_eq!(
+            rig.run.poll_event(),
+            Some(Event::Session(SessionEvent::PermissionTimedOut {
+                request_id: "r1".into()
+            }))
+        );
+        let answer = &rig.stdin()[0]["response"];
+        assert_eq!(answer["request_id"], "r1");
+        assert_eq!(answer["response"]["behavior"], "deny");
+        assert!(
+            answer["response"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("ask again later"),
+            "{answer}"
+        );
+        assert_eq!(rig.run.poll_timeout(), None);
     }
 
     #[test]

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     Running,
+    /// Running, and its agent waits for the user's approval of a tool use.
+    Waiting,
     Succeeded,
     Failed,
     Cancelled,
@@ -18,6 +20,7 @@ impl TaskState {
     pub fn as_str(self) -> &'static str {
         match self {
             TaskState::Running => "running",
+            TaskState::Waiting => "waiting",
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
@@ -25,8 +28,10 @@ impl TaskState {
         }
     }
 
+    /// Its agent is at work (or waits for an approval): it counts toward
+    /// `agent.max_running`, and its outcome is still to come.
     pub fn is_running(self) -> bool {
-        self == TaskState::Running
+        matches!(self, TaskState::Running | TaskState::Waiting)
     }
 }
 
@@ -67,6 +72,10 @@ pub struct TaskRecord {
     /// Runs so far: 1 + the number of `continue`s.
     #[serde(default = "one")]
     pub runs: u32,
+    /// Its turn is over and its agent process waits for a follow-up (`agent.warm_s`);
+    /// `pid` is the process.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 fn one() -> u32 {

@@ -696,6 +696,46 @@ fn describe_exit(exit: ExitInfo) -> String {
     }
 }
 
+/// How one turn of an agent kept open on stdin ended, from its `result` line alone: the
+/// process goes on, so there is no exit status to weigh (CONTROL.md: a turn ends at its
+/// `result`, not at exit; the exit status follows the *last* turn). An interrupted turn
+/// (`error_during_execution`, after walkie's `interrupt`) keeps its session for the next
+/// message.
+pub fn turn_verdict(result: &ResultLine) -> Verdict {
+    if !result.is_error {
+        return Verdict::Succeeded;
+    }
+    if result.subtype == "error_during_execution" {
+        return Verdict::Interrupted {
+            reason: "its turn was interrupted; the agent waits for a follow-up".to_owned(),
+        };
+    }
+    Verdict::Failed {
+        reason: match result.text.as_deref().map(str::trim) {
+            // Redacted before it is cut, as in `verdict`.
+            Some(text) if !text.is_empty() => super::redact::excerpt(text, REASON_MAX, Keep::Head)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => describe_subtype(&result.subtype),
+        },
+    }
+}
+
+/// An agent kept open on stdin that ended in the middle of a turn, after earlier turns (so
+/// the stream's last `result` is an earlier turn's and says nothing about this one).
+pub fn verdict_mid_turn(exit: ExitInfo) -> Verdict {
+    if matches!(exit, ExitInfo::Signal(_) | ExitInfo::Code(130 | 143)) {
+        Verdict::Interrupted {
+            reason: format!("stopped in the middle of a turn ({})", describe_exit(exit)),
+        }
+    } else {
+        Verdict::Failed {
+            reason: format!("the agent {} in the middle of a turn", describe_exit(exit)),
+        }
+    }
+}
+
 // ---- Borrowed, lenient views of the stream-json lines -------------------------------------
 
 /// One stdout line. Only `type` is strict: without a string `type` the line is Malformed.
@@ -1959,6 +1999,50 @@ mod tests {
             let naive = bytes.iter().position(|&b| b == b'\n');
             assert_eq!(find_newline(&bytes), naive, "{bytes:02x?}");
         }
+    }
+
+    #[test]
+    fn turn_verdicts_come_from_each_result_line_alone() {
+        let turns = |case: &str| -> Vec<Verdict> {
+            parse_all(&read_fixture(case, "stdout.jsonl"))
+                .1
+                .iter()
+                .filter_map(|e| match e {
+                    StreamEvent::Result(r) => Some(turn_verdict(r)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // An interrupted last turn makes the process exit 1; the turn itself is interrupted.
+        assert_eq!(fixture_rc("interrupt-stream", "rc"), 1);
+        assert!(matches!(
+            turns("interrupt-stream")[..],
+            [Verdict::Interrupted { .. }]
+        ));
+        assert!(matches!(
+            turns("interrupt-tool")[..],
+            [Verdict::Interrupted { .. }, Verdict::Succeeded]
+        ));
+        assert_eq!(turns("perm-deny"), [Verdict::Succeeded]);
+        assert_eq!(turns("steer-now"), [Verdict::Succeeded, Verdict::Succeeded]);
+        assert!(matches!(
+            &turns("error401")[..],
+            [Verdict::Failed { reason }] if reason.contains("401")
+        ));
+        assert_eq!(
+            turns("maxturns"),
+            [Verdict::Failed {
+                reason: "the agent hit its turn limit".into()
+            }]
+        );
+        assert!(matches!(
+            verdict_mid_turn(ExitInfo::Code(1)),
+            Verdict::Failed { reason } if reason == "the agent exited with code 1 in the middle of a turn"
+        ));
+        assert!(matches!(
+            verdict_mid_turn(ExitInfo::Signal(9)),
+            Verdict::Interrupted { reason } if reason.contains("SIGKILL")
+        ));
     }
 
     #[test]
