@@ -58,6 +58,8 @@ pub struct Reply {
     pub say: Option<String>,
     pub audio: Option<ReplyAudio>,
     pub call: Option<Call>,
+    /// Said once the call's output is back, instead of the script's `after_tool`.
+    pub after: Option<Box<Reply>>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +74,8 @@ pub struct Script {
     pub rules: Vec<Rule>,
     pub default: Reply,
     pub after_tool: Reply,
+    /// Replies to system messages by their text, before `on_system`.
+    pub system_rules: Vec<Rule>,
     pub on_system: Reply,
     /// What the "transcription" of any committed audio says.
     pub transcript: String,
@@ -83,6 +87,7 @@ struct RawScript {
     rules: Option<Vec<RawRule>>,
     default: Option<RawReply>,
     after_tool: Option<RawReply>,
+    system_rules: Option<Vec<RawRule>>,
     on_system: Option<RawReply>,
     transcript: Option<String>,
 }
@@ -102,6 +107,7 @@ struct RawReply {
     audio_ms: Option<u32>,
     wav: Option<String>,
     call: Option<RawCall>,
+    after: Option<Box<RawReply>>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +130,7 @@ impl Reply {
             say: Some(text.to_owned()),
             audio: None,
             call: None,
+            after: None,
         }
     }
 
@@ -223,6 +230,10 @@ impl RawReply {
                 name: c.name,
                 arguments: c.arguments,
             }),
+            after: match self.after {
+                Some(after) => Some(Box::new(after.build(base)?)),
+                None => None,
+            },
         })
     }
 }
@@ -238,6 +249,7 @@ impl Default for Script {
                 name: "start_task".to_owned(),
                 arguments: serde_json::json!({"prompt": "{text}"}),
             }),
+            after: None,
         };
         Script {
             rules: vec![Rule {
@@ -246,6 +258,7 @@ impl Default for Script {
             }],
             default: Reply::say("You said: {text}"),
             after_tool: Reply::say("Started."),
+            system_rules: Vec::new(),
             on_system: Reply::say("A task finished."),
             transcript: "hello walkie".to_owned(),
         }
@@ -258,8 +271,8 @@ impl Script {
     pub fn from_json(json: &Value, base: &Path) -> Result<Script, ScriptError> {
         let raw: RawScript = serde_json::from_value(json.clone())?;
         let mut script = Script::default();
-        if let Some(rules) = raw.rules {
-            script.rules = rules
+        let build_rules = |rules: Vec<RawRule>| {
+            rules
                 .into_iter()
                 .map(|rule| {
                     let pattern =
@@ -272,7 +285,13 @@ impl Script {
                         reply: rule.reply.build(base)?,
                     })
                 })
-                .collect::<Result<_, ScriptError>>()?;
+                .collect::<Result<Vec<Rule>, ScriptError>>()
+        };
+        if let Some(rules) = raw.rules {
+            script.rules = build_rules(rules)?;
+        }
+        if let Some(rules) = raw.system_rules {
+            script.system_rules = build_rules(rules)?;
         }
         if let Some(reply) = raw.default {
             script.default = reply.build(base)?;
@@ -305,6 +324,15 @@ impl Script {
             .iter()
             .find(|rule| rule.pattern.is_match(text))
             .map_or(&self.default, |rule| &rule.reply)
+    }
+
+    /// The reply to a system message: the first system rule matching `text`, else
+    /// `on_system`.
+    pub fn reply_to_system(&self, text: &str) -> &Reply {
+        self.system_rules
+            .iter()
+            .find(|rule| rule.pattern.is_match(text))
+            .map_or(&self.on_system, |rule| &rule.reply)
     }
 }
 
@@ -339,6 +367,31 @@ mod tests {
         );
         assert!(script.reply_to_user("hello walkie").call.is_none());
         assert_eq!(script.transcript, "hello walkie");
+    }
+
+    #[test]
+    fn system_messages_are_answered_by_the_first_matching_system_rule() {
+        let script = Script::from_json(
+            &json!({"system_rules":[{"match":"^Permission","reply":{"say":"Allow?"}}],
+                    "on_system":{"say":"Done."}}),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            script
+                .reply_to_system("Permission request: x")
+                .say
+                .as_deref(),
+            Some("Allow?")
+        );
+        assert_eq!(
+            script.reply_to_system("Task update: x").say.as_deref(),
+            Some("Done.")
+        );
+        assert_eq!(
+            Script::default().reply_to_system("anything").say.as_deref(),
+            Some("A task finished.")
+        );
     }
 
     #[test]

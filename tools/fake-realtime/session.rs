@@ -127,6 +127,8 @@ pub struct Session {
     items: Vec<Item>,
     known_calls: HashSet<String>,
     pending: Pending,
+    /// The reply whose call was made last says what follows its output (`after`).
+    after_call: Option<Reply>,
     last_user_text: String,
     active: Option<Stream>,
     out_of_band: Vec<Stream>,
@@ -238,6 +240,7 @@ impl Session {
             items: Vec::new(),
             known_calls: HashSet::new(),
             pending: Pending::User,
+            after_call: None,
             last_user_text: String::new(),
             active: None,
             out_of_band: Vec::new(),
@@ -750,15 +753,22 @@ impl Session {
                 );
             }
         }
-        let (reply, text) = match &self.pending {
-            Pending::ToolOutputs => (&script.after_tool, self.last_user_text.clone()),
-            Pending::System(text) => (&script.on_system, text.clone()),
+        let (reply, text) = match self.pending.clone() {
+            Pending::ToolOutputs => (
+                self.after_call
+                    .take()
+                    .unwrap_or_else(|| script.after_tool.clone()),
+                self.last_user_text.clone(),
+            ),
+            Pending::System(text) => (script.reply_to_system(&text).clone(), text),
             Pending::User => (
-                script.reply_to_user(&self.last_user_text),
+                script.reply_to_user(&self.last_user_text).clone(),
                 self.last_user_text.clone(),
             ),
         };
-        let reply = reply.clone();
+        if in_conversation && reply.call.is_some() {
+            self.after_call = reply.after.as_deref().cloned();
+        }
         if in_conversation {
             self.pending = Pending::User;
         }
@@ -1572,6 +1582,49 @@ mod tests {
             .find(|e| e["type"] == "response.output_audio_transcript.done")
             .expect("spoken");
         assert_eq!(transcript["transcript"], "A task finished.");
+    }
+
+    #[test]
+    fn a_call_with_after_says_it_once_its_output_is_back() {
+        let mut h = Harness::new();
+        h.script = Script::from_json(
+            &json!({"rules":[{"match":"yes","reply":{"say":"Okay.","audio_ms":50,
+                "call":{"name":"answer_task","arguments":{"name":"x","decision":"allow"}},
+                "after":{"say":"Allowed.","audio_ms":50}}}],
+                "system_rules":[{"match":"^Permission","reply":{"say":"Allow?","audio_ms":50}}]}),
+            std::path::Path::new("."),
+        )
+        .expect("script");
+        let spoken = |events: &[Value]| {
+            events
+                .iter()
+                .find(|e| e["type"] == "response.output_audio_transcript.done")
+                .map(|e| e["transcript"].as_str().unwrap_or("").to_owned())
+        };
+        h.send(
+            json!({"type":"conversation.item.create","item":{"type":"message",
+            "role":"system","content":[{"type":"input_text","text":"Permission request: x"}]}}),
+        );
+        let mut first = h.send(json!({"type":"response.create"}));
+        first.extend(h.finish());
+        assert_eq!(spoken(&first).as_deref(), Some("Allow?"));
+        h.say("yes");
+        let mut events = h.send(json!({"type":"response.create"}));
+        events.extend(h.finish());
+        let call_id = events
+            .iter()
+            .find(|e| e["type"] == "response.function_call_arguments.done")
+            .expect("a call")["call_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        h.send(json!({"type":"conversation.item.create","item":{
+            "type":"function_call_output","call_id":call_id,"output":"{}"}}));
+        let mut last = h.send(json!({"type":"response.create"}));
+        last.extend(h.finish());
+        assert_eq!(spoken(&last).as_deref(), Some("Allowed."));
+        // Only once: the next outputs get after_tool again.
+        assert!(h.session.after_call.is_none());
     }
 
     #[test]
