@@ -31,6 +31,28 @@ fn the_demo_runs_the_voice_loop_end_to_end() {
         ),
         "{text}"
     );
+    // The agent asked to run the tests: walkie put the question to the user once idle...
+    assert!(
+        text.contains(
+            "system: Permission request: flaky-login-test wants to run: python3 -m pytest -q. Allow?"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("assistant: flaky-login-test wants to run: python3 -m pytest -q. Allow?"),
+        "{text}"
+    );
+    assert!(
+        text.contains("event  | flaky-login-test waiting: wants to run python3 -m pytest -q"),
+        "{text}"
+    );
+    // ...the typed "yes" came after it, so the model's answer_task counted.
+    assert!(text.contains("user: Yes, allow it."), "{text}");
+    let question = text.find("system: Permission request").unwrap();
+    let answer = text
+        .find("function_call_output {\"decision\":\"allow\",\"request\":\"run `python3 -m pytest -q`\",\"status\":\"answered\",\"task\":\"flaky-login-test\"}")
+        .unwrap_or_else(|| panic!("no accepted answer_task: {text}"));
+    assert!(question < answer, "{text}");
     // ...the task finished and the completion was announced as a system message.
     assert!(
         text.contains("flaky-login-test         succeeded"),

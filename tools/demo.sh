@@ -2,8 +2,10 @@
 # `make demo`: walkie's whole voice loop on local stand-ins — no API key, no sound card,
 # no button. A spoken request (tools/demo/request.wav) is the microphone (wav backend); the
 # button is pressed and released with `walkie ctl`; tools/fake-realtime plays the model and
-# calls start_task; tools/fake-agent plays Claude Code; everything walkie would say (answers,
-# earcons, the completion announcement) lands in an output WAV. Then the timeline.
+# calls start_task; tools/fake-agent plays Claude Code, kept open on stdin; it asks to run
+# the tests, walkie asks the user, a typed "yes" lets the model answer it (answer_task);
+# everything walkie would say (answers, earcons, the question, the completion announcement)
+# lands in an output WAV. Then the timeline.
 set -eu
 cd "$(dirname "$0")/.."
 BIN=${WALKIE_BIN_DIR:-${CARGO_TARGET_DIR:-target}/debug}
@@ -36,17 +38,19 @@ output_wav = "$DEMO/walkie-output.wav"
 [button]
 device = "none"
 [agent]
-command = ["$(cd "$BIN" && pwd)/fake-agent", "-p", "{prompt}", "--output-format", "stream-json", "--verbose", "--permission-mode", "acceptEdits"]
+command = ["$(cd "$BIN" && pwd)/fake-agent"]
 TOML
 say "the stand-in agent (tools/fake-agent)"
 cat <<'TXT'
 The fake agent plays Claude Code: it prints the CLI's stream-json and acts on @directives
 in its prompt instead of thinking. The scripted model writes them into the task prompts it
-sends, e.g. "Fix the flaky login test. @sleep=3 @edit=tests/test_login.py @bash=pytest_…
-@text=The_login_test_is_fixed…": work for 3 s, edit a file, pretend to run a command, and
+sends, e.g. "Fix the flaky login test. @sleep=3 @edit=tests/test_login.py
+@ask=python3_-m_pytest_-q @text=The_login_test_is_fixed…": work for 3 s, edit a file,
+ask for permission to run a command (walkie asks you; the command runs once allowed), and
 finish with that text (underscores are spaces). Others make it fail, stall, flood output or
 ignore signals (tools/fake-agent/README.md); the tests use them all. With the real agent
-the prompt is just what you said.
+the prompt is just what you said, and walkie gives it to the agent on its input (not on its
+command line: `agent.command` is just the program).
 TXT
 
 say "configuration ($DEMO/config/walkie/config.toml)"
@@ -65,6 +69,15 @@ say "the user holds the button and speaks (tools/demo/request.wav: \"Please star
 sleep 4.3
 "$BIN/walkie" ctl release
 echo "button released"
+
+say "the agent asks to run the tests; walkie asks the user (when they are idle, after a chime)"
+i=0
+until "$BIN/walkie" ctl transcript | grep -q 'assistant: flaky-login-test wants to run' || [ $i -gt 300 ]; do sleep 0.1; i=$((i+1)); done
+"$BIN/walkie" ctl tasks
+sleep 2
+
+say "the user answers, typed: walkie ctl say \"Yes, allow it.\" (a spoken answer works the same)"
+"$BIN/walkie" ctl say "Yes, allow it."
 
 say "waiting for the task to finish and the announcement"
 i=0
