@@ -1626,7 +1626,7 @@ impl Driven {
 
     /// Feeds agent lines to the core until its activity starts with `words`.
     fn until_doing(&mut self, words: &str) {
-        while !self.core.activity().what.starts_with(words) {
+        while !self.core.activity("").what.starts_with(words) {
             self.feed_line();
         }
     }
@@ -1673,7 +1673,7 @@ fn protocol_core_drives_the_fake_agent() {
         ("run", "`npm test`")
     );
     assert_eq!(
-        d.core.activity().what,
+        d.core.activity("").what,
         "waiting for your approval to run `npm test`"
     );
     d.core
@@ -1681,10 +1681,10 @@ fn protocol_core_drives_the_fake_agent() {
         .unwrap();
     d.flush();
     d.until(|e| matches!(e, SessionEvent::TurnEnded { idle: true, .. }));
-    assert_eq!(d.core.activity().what, "waiting for a follow-up");
+    assert_eq!(d.core.activity("").what, "waiting for a follow-up");
     assert!(
         d.core
-            .activity()
+            .activity("")
             .last_sentence
             .unwrap()
             .contains("also check the docs")

@@ -641,8 +641,10 @@ impl ClaudeSession {
         }
     }
 
-    /// What the agent is doing, in words, for `task_status`.
-    pub fn activity(&self) -> Activity {
+    /// What the agent is doing, in words, for `task_status`. `output` is the task's recent
+    /// output: a key the agent printed across two messages is redacted in the last sentence
+    /// even when the last message holds only its second half.
+    pub fn activity(&self, output: &str) -> Activity {
         let (what, since) = if let Some(p) = self.permissions.first() {
             (
                 format!("waiting for your approval to {} {}", p.verb, p.object),
@@ -668,7 +670,10 @@ impl ClaudeSession {
             what,
             since,
             turns: self.turns,
-            last_sentence: self.last_text.as_deref().and_then(last_sentence),
+            last_sentence: self
+                .last_text
+                .as_deref()
+                .and_then(|text| last_sentence(text, output)),
         }
     }
 
@@ -931,9 +936,10 @@ fn permission_words(request: &PermissionRequest, cwd: &str) -> (&'static str, St
 }
 
 /// The last sentence of `text` with words in it (not a code block), redacted over the whole
-/// text before any cut, markdown stripped, short enough to speak.
-pub(crate) fn last_sentence(text: &str) -> Option<String> {
-    let redacted = redact::redact(text);
+/// text before any cut (with the pieces of keys that `output`, the task's recent output,
+/// shows broken across lines), markdown stripped, short enough to speak.
+pub(crate) fn last_sentence(text: &str, output: &str) -> Option<String> {
+    let redacted = redact::scrub(text, output);
     // Only the end is needed: start a few KB before it, at a word, outside any code fence.
     let mut start = redacted.len().saturating_sub(SENTENCE_WINDOW);
     while !redacted.is_char_boundary(start) {
@@ -1087,7 +1093,7 @@ mod tests {
         }
 
         fn what(&self) -> String {
-            self.session.activity().what
+            self.session.activity("").what
         }
     }
 
@@ -1174,7 +1180,7 @@ mod tests {
             run.what(),
             "running `timeout 2 tail -f /dev/null; echo turn 0`"
         );
-        assert_eq!(run.session.activity().since, tool_at);
+        assert_eq!(run.session.activity("").since, tool_at);
 
         let steer = run
             .session
@@ -1215,7 +1221,7 @@ mod tests {
         );
         assert_eq!(run.session.turns(), 1);
         assert_eq!(run.session.idle_since(), Some(run.now - 2 * STEP));
-        let activity = run.session.activity();
+        let activity = run.session.activity("");
         assert_eq!(activity.what, "waiting for a follow-up");
         assert_eq!(activity.turns, 1);
         assert_eq!(
@@ -1261,7 +1267,7 @@ mod tests {
         assert_eq!(run.session.turns(), 1);
         assert!(
             run.session
-                .activity()
+                .activity("")
                 .last_sentence
                 .unwrap()
                 .ends_with("within.")
@@ -1324,7 +1330,7 @@ mod tests {
         );
         // The partial text the interrupt cut short is still the last thing said.
         assert_eq!(
-            run.session.activity().last_sentence.as_deref(),
+            run.session.activity("").last_sentence.as_deref(),
             Some("chunk 3.")
         );
         // Between turns walkie does not send an interrupt (the capture's second one); an
@@ -1415,7 +1421,7 @@ mod tests {
         assert_eq!(pending[0].since, asked_at);
         assert_eq!(pending[0].deadline, asked_at + TIMEOUT);
         assert_eq!(run.session.poll_timeout(), Some(asked_at + TIMEOUT));
-        let activity = run.session.activity();
+        let activity = run.session.activity("");
         assert_eq!(
             activity.what,
             "waiting for your approval to run `echo hi from bash > bash.txt && cat bash.txt`"
@@ -1435,7 +1441,7 @@ mod tests {
         run.rest();
         assert_eq!(turn_ended(&run.events()), [("success".to_owned(), true)]);
         assert_eq!(
-            run.session.activity().last_sentence.as_deref(),
+            run.session.activity("").last_sentence.as_deref(),
             Some("Tool result (is_error=False): hi from bash.")
         );
     }
@@ -1640,7 +1646,7 @@ mod tests {
         assert_eq!(turn_ended(&run.events()), [("success".to_owned(), true)]);
         assert_eq!(run.session.turns(), 2);
         assert_eq!(
-            run.session.activity().last_sentence.as_deref(),
+            run.session.activity("").last_sentence.as_deref(),
             Some("Done sleeping.")
         );
     }
@@ -1872,7 +1878,7 @@ mod tests {
         );
         assert_eq!(denied[0]["response"]["response"]["behavior"], "deny");
         assert_eq!(
-            s.activity().what,
+            s.activity("").what,
             "waiting for your approval to run `make 0`",
             "the oldest is asked first"
         );
@@ -1941,7 +1947,7 @@ mod tests {
         assert!(s.pending_permissions().is_empty());
         s.stdin_written(s.stdin_pending().len());
         assert!(s.wants_stdin_closed());
-        assert_eq!(s.activity().what, "closing");
+        assert_eq!(s.activity("").what, "closing");
     }
 
     #[test]
@@ -2052,7 +2058,7 @@ mod tests {
                 id: Some("t1".into()),
             },
         );
-        let what = s.activity().what;
+        let what = s.activity("").what;
         assert!(what.starts_with("running `curl"), "{what}");
         assert!(!what.contains(key) && !what.contains("hunter2"), "{what}");
         s.handle_event(t0, &ask("r1", "Bash", json!({"command": command})));
@@ -2066,7 +2072,7 @@ mod tests {
         let mut text = "Done. ".repeat(LAST_TEXT_BYTES / 6);
         text.push_str(&format!("I used the key {key} to deploy it."));
         s.handle_event(t0, &StreamEvent::Text(text));
-        let sentence = s.activity().last_sentence.unwrap();
+        let sentence = s.activity("").last_sentence.unwrap();
         assert_eq!(sentence, "I used the key [redacted] to deploy it.");
     }
 
@@ -2074,29 +2080,39 @@ mod tests {
     fn last_sentence_is_short_plain_speech() {
         assert_eq!(
             last_sentence(
-                "Fixed it.\n\n**All 12 tests pass.** See `src/lib.rs`.\n```\ncode\n```\n"
+                "Fixed it.\n\n**All 12 tests pass.** See `src/lib.rs`.\n```\ncode\n```\n",
+                ""
             )
             .as_deref(),
             Some("See src/lib.rs.")
         );
         assert_eq!(
-            last_sentence("One. Two three!").as_deref(),
+            last_sentence("One. Two three!", "").as_deref(),
             Some("Two three!")
         );
         assert_eq!(
-            last_sentence("no end mark").as_deref(),
+            last_sentence("no end mark", "").as_deref(),
             Some("no end mark.")
         );
         // A long code block across the start of the searched window is skipped whole.
         let code = "let x = 1; // a line of code. Not prose.\n".repeat(200);
         let text = format!("Before.\n```\n{code}```\nAfter the code.\n```\nmore\n```\n");
-        assert_eq!(last_sentence(&text).as_deref(), Some("After the code."));
-        assert_eq!(last_sentence("```\nonly code\n```"), None);
-        assert_eq!(last_sentence("   "), None);
+        assert_eq!(last_sentence(&text, "").as_deref(), Some("After the code."));
+        assert_eq!(last_sentence("```\nonly code\n```", ""), None);
+        assert_eq!(last_sentence("   ", ""), None);
         let long = format!("Start. {}", "word ".repeat(100));
-        let cut = last_sentence(&long).unwrap();
+        let cut = last_sentence(&long, "").unwrap();
         assert!(cut.chars().count() <= SENTENCE_CHARS, "{cut}");
         assert!(cut.starts_with("word word"));
+        // A key printed across two messages: the last one holds only its second half,
+        // which the output (both lines) shows to be a piece of a key.
+        let output = "Done. The new OpenAI key is sk-proj-Yt5Rk8Lm2Qx9Zp4\n\
+                      Vt8Wn3Hc6Jd1Fs5Gb0Ya9Qe2Um7Io4Pl and everything else is fine.\n";
+        let last = "Vt8Wn3Hc6Jd1Fs5Gb0Ya9Qe2Um7Io4Pl and everything else is fine.";
+        assert_eq!(
+            last_sentence(last, output).as_deref(),
+            Some("[redacted] and everything else is fine.")
+        );
     }
 
     #[test]

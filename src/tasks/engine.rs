@@ -785,6 +785,9 @@ impl TaskEngine {
     /// What the task's agent is doing, while it runs or waits warm for a follow-up.
     pub fn live_view(&self, record: &TaskRecord) -> Option<LiveView> {
         let live = self.live.get(&record.id)?;
+        // The last sentence is redacted with the output around it: a key printed across two
+        // messages has its second half alone in the last one.
+        let output = live.tail.text();
         let Some(session) = live.run.session() else {
             return Some(LiveView {
                 activity: Activity {
@@ -795,7 +798,7 @@ impl TaskEngine {
                         .run
                         .parser()
                         .last_text()
-                        .and_then(claude::last_sentence),
+                        .and_then(|text| claude::last_sentence(text, &output)),
                 },
                 waiting_for: None,
                 last_message: None,
@@ -804,7 +807,7 @@ impl TaskEngine {
             });
         };
         Some(LiveView {
-            activity: session.activity(),
+            activity: session.activity(&output),
             waiting_for: session
                 .pending_permissions()
                 .first()
