@@ -1,4 +1,4 @@
-//! Command-line parsing and dispatch (DESIGN.md §3). Exit codes: 0 ok, 1 runtime failure,
+//! Command-line parsing and dispatch (README.md). Exit codes: 0 ok, 1 runtime failure,
 //! 2 usage or config error, 3 daemon not reachable.
 
 use std::ffi::OsString;

@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of DESIGN.md §3, its defaults, and its validation.
+//! Configuration: the TOML file (docs/CONFIGURATION.md), its defaults, and its validation.
 //!
 //! Every key has a default, so an empty file (or no file) is a valid configuration.
 //! Unknown keys and bad values are errors that name the key and the file line: users read
@@ -40,7 +40,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RealtimeConfig {
-    /// `wss://…` anywhere, `ws://…` only to a loopback address, or `""`/`"none"` to disable the link.
+    /// `wss://…` anywhere, `ws://…` only to a loopback address, or `""`/`"none"` to disable the
+    /// link.
     pub url: String,
     pub model: String,
     pub voice: String,

@@ -151,7 +151,8 @@ pub enum SayError {
 /// A commit needs at least 100 ms of audio, or the server answers
 /// `input_audio_buffer_commit_empty`.
 const MIN_TURN_SAMPLES: u64 = 100 * FRAMES_PER_MS;
-/// The shortest press that counts as speech (DESIGN.md §2: under 100 ms, clear instead).
+/// The shortest press that counts as speech (docs/ARCHITECTURE.md, "The flows": under 100 ms,
+/// clear instead).
 const MIN_TURN: Duration = Duration::from_millis(100);
 /// Rotate at most this long before `expires_at`.
 const ROTATION_LEAD_MAX_S: i64 = 300;

@@ -3,7 +3,7 @@
 //! One thread runs a `mio::Poll` loop ([`daemon`]) over every fd; real-time ALSA threads
 //! ([`audio`]) move PCM through lock-free rings. Protocol and policy live in sans-IO cores
 //! ([`conversation`], [`realtime::events`], [`tasks::stream`], [`button::keys`]) fed with
-//! inputs and asked for outputs; the IO shells around them are thin. See DESIGN.md.
+//! inputs and asked for outputs; the IO shells around them are thin. See docs/ARCHITECTURE.md.
 
 // All `unsafe` lives in `sys` (ioctls, prctl, pidfd, scheduling), each block with a SAFETY note.
 #![deny(unsafe_code)]

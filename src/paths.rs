@@ -1,4 +1,5 @@
-//! Where walkie keeps its files (XDG base directories, DESIGN.md §3).
+//! Where walkie keeps its files (XDG base directories; docs/ARCHITECTURE.md, "Interfaces that
+//! stay stable").
 //!
 //! Each directory honours the usual variable and falls back to the XDG default; the
 //! runtime directory falls back to `/tmp/walkie-<uid>` when `XDG_RUNTIME_DIR` is unset

@@ -1,4 +1,5 @@
-//! The model's tools (DESIGN.md §3): JSON arguments in, short JSON outputs out.
+//! The model's tools (README.md, "Talking to it"; docs/ARCHITECTURE.md): JSON arguments in,
+//! short JSON outputs out.
 //!
 //! The conversation core asks for a call with `Action::CallTool`; the daemon runs it here,
 //! against the task engine, and hands the output back. Every call returns at once (a start

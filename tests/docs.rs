@@ -107,6 +107,43 @@ fn the_configuration_reference_documents_every_key_with_its_default() {
 /// The docs a user reads (README, docs/, --help) stand on their own: no pointer to files
 /// outside the repository, and every relative link leads to a file that exists.
 #[test]
+fn the_code_points_at_the_repositorys_own_docs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name == "target" || name == "results" || name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, out);
+            } else if ["rs", "sh", "py", "toml", "md", "in"]
+                .iter()
+                .any(|e| path.extension().is_some_and(|x| x == *e))
+            {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = vec![root.join("Cargo.toml"), root.join("Makefile")];
+    for dir in ["src", "tests", "tools", "rt-bench"] {
+        walk(&root.join(dir), &mut files);
+    }
+    let this = root.join("tests/docs.rs");
+    for file in files.iter().filter(|f| **f != this) {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for outside in ["../shared", "DESIGN.md", "STYLE.md", "shared/fixtures"] {
+            assert!(
+                !text.contains(outside),
+                "{} points outside the repository: {outside}",
+                file.display()
+            );
+        }
+    }
+}
+
+#[test]
 fn the_docs_stand_on_their_own_and_their_links_resolve() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = vec![root.join("README.md")];

@@ -1,5 +1,6 @@
-//! The voice loop through the real binary: ALSA plugin devices (file-backed PCMs, DESIGN.md
-//! §4), a FIFO of `input_event` records as the button, fake-realtime as the model.
+//! The voice loop through the real binary: ALSA plugin devices (file-backed PCMs,
+//! docs/ARCHITECTURE.md, "Testing without hardware"), a FIFO of `input_event` records as the
+//! button, fake-realtime as the model.
 
 mod common;
 

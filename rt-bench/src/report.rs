@@ -57,7 +57,7 @@ impl Figure {
 struct Spec {
     id: &'static str,
     title: &'static str,
-    /// (statistic, limit, text) for walkie, if DESIGN.md §5 sets one.
+    /// (statistic, limit, text) for walkie, if docs/BENCHMARKS.md sets one.
     target: Option<(Stat, f64, &'static str)>,
     /// Lower is better for the peer ratio (latency, CPU, memory).
     ratio: bool,

@@ -1,6 +1,6 @@
 //! The audio engine: microphone and speaker for the main loop, which never waits for them.
 //!
-//! Two real-time threads (DESIGN.md §1) own the devices: "walkie-capture" reads the
+//! Two real-time threads (docs/ARCHITECTURE.md) own the devices: "walkie-capture" reads the
 //! microphone into a lock-free ring, "walkie-playback" writes speech from another ring (or
 //! silence) to the speaker and mixes earcons over it. They try SCHED_FIFO, never allocate,
 //! lock or log in their period loops, pace clockless devices against the monotonic clock

@@ -1,12 +1,13 @@
 //! Real-time pacing for devices without a clock (sans-IO; used inside the audio threads).
 //!
 //! The ALSA `file`/`null` plugins and the WAV backend accept and deliver frames as fast as
-//! they are asked (DESIGN.md §4). So that such a device behaves like a sound card, each audio
-//! thread keeps a timeline: frame `n` of the stream belongs at `anchor + (n - anchor_frames)
-//! / rate` on the monotonic clock, and a period may only move once the clock has reached it
-//! (capture: once the period has been "recorded"; playback: a fixed lead before it is
-//! "heard"). The deadline is absolute, so sleeping late never accumulates drift. A thread
-//! that fell far behind (starved, suspended) re-anchors instead of bursting to catch up.
+//! they are asked (docs/ARCHITECTURE.md, "Testing without hardware"). So that such a device
+//! behaves like a sound card, each audio thread keeps a timeline: frame `n` of the stream
+//! belongs at `anchor + (n - anchor_frames) / rate` on the monotonic clock, and a period may
+//! only move once the clock has reached it (capture: once the period has been "recorded";
+//! playback: a fixed lead before it is "heard"). The deadline is absolute, so sleeping late
+//! never accumulates drift. A thread that fell far behind (starved, suspended) re-anchors
+//! instead of bursting to catch up.
 //!
 //! Devices with a clock (real hardware) pace the thread themselves; the threads detect them
 //! (`avail` drops below a period at some point) and bypass the pacer. Times are nanoseconds

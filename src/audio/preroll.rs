@@ -1,12 +1,11 @@
 //! The pre-roll window and its echo filter (sans-IO; lives on the main thread).
 //!
 //! Capture runs all the time; when the button goes down, walkie sends the last `preroll_ms`
-//! of audio before the live stream so the first syllable is not cut off (DESIGN.md §2).
-//! That window must not contain the assistant's own voice coming back through the
-//! microphone (a barge-in happens exactly while the speaker is talking), so the playback
-//! thread reports the intervals during which the speaker was audible and every captured
-//! sample whose capture time falls inside one (padded for timing uncertainty and room
-//! echo) is left out.
+//! of audio before the live stream so the first syllable is not cut off (docs/ARCHITECTURE.md,
+//! "The flows"). That window must not contain the assistant's own voice coming back through the
+//! microphone (a barge-in happens exactly while the speaker is talking), so the playback thread
+//! reports the intervals during which the speaker was audible and every captured sample whose
+//! capture time falls inside one (padded for timing uncertainty and room echo) is left out.
 //!
 //! Inputs: captured samples with the capture time of the end of each chunk
 //! ([`Preroll::handle_capture`]), audible intervals ([`Preroll::handle_audible`]), and

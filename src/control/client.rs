@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::proto::Request;
 
-/// Exit codes of DESIGN.md §3.
+/// Exit codes (README.md, "Using it without a microphone").
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_UNREACHABLE: i32 = 3;

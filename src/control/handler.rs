@@ -1,5 +1,6 @@
-//! What each control request means (DESIGN.md §3, `walkie ctl`): a request becomes calls on
-//! the daemon's parts and one reply, or a first reply and a subscription for streamed lines.
+//! What each control request means (README.md, "Using it without a microphone"): a request
+//! becomes calls on the daemon's parts and one reply, or a first reply and a subscription for
+//! streamed lines.
 //!
 //! The server (server.rs) moves the bytes and owns the connections; the daemon hands each
 //! parsed request here with its parts and carries out the [`Handled`] answer. Nothing here
@@ -178,7 +179,7 @@ pub fn error_reply(e: &TaskError) -> Value {
     v
 }
 
-/// The object `walkie ctl status --json` prints (DESIGN.md §3).
+/// The object `walkie ctl status --json` prints (README.md, "The control socket").
 fn status(engine: &TaskEngine, conv: &Conversation, button: &Button, vitals: Vitals) -> Value {
     let recent: Vec<_> = conv.transcript().iter().rev().take(4).rev().collect();
     json!({

@@ -346,7 +346,7 @@ fn tool(name: &str, description: &str, parameters: Value) -> FunctionTool {
     }
 }
 
-/// The task tools of DESIGN.md §3.
+/// The task tools the model is given (README.md, "Talking to it").
 pub fn tools() -> Vec<FunctionTool> {
     let name_property = json!({
         "type": "string",

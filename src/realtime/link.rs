@@ -7,8 +7,8 @@
 //! handshake (inside [`TlsStream`]) and the WebSocket upgrade (a resumable tungstenite
 //! `MidHandshake`) all advance on readiness; frames are written into bounded buffers and
 //! flushed on WRITABLE. The connection is a state enum whose variants carry their data
-//! (STYLE.md practice 4), and the socket's interest is derived from that state after every
-//! read, write and flush (rustls' `tlsclient-mio` is the model).
+//! (invalid states cannot be represented), and the socket's interest is derived from that state
+//! after every read, write and flush (rustls' `tlsclient-mio` is the model).
 //!
 //! Policy, documented once here:
 //! - Transient trouble (network errors, close frames, HTTP errors other than 401/403 at the

@@ -5,8 +5,8 @@
 //! Runs on the loop thread and owns no fd of its own: the socket stays registered by
 //! [`crate::realtime::link`] under `reactor::LINK`, which derives its interest from
 //! [`TlsStream::wants_write`]. This is not `rustls::StreamOwned` because its write path may
-//! read from the socket and swallow an edge of mio's edge-triggered readiness (STYLE.md,
-//! "the traps"). The contract tungstenite relies on: `read`, `write` and `flush` return
+//! read from the socket and swallow an edge of mio's edge-triggered readiness (a known trap of
+//! rustls with mio). The contract tungstenite relies on: `read`, `write` and `flush` return
 //! `WouldBlock` when nothing can move now and **never `Ok(0)`** except at a true end of
 //! stream — tungstenite takes a zero read as the peer closing, a zero write as a reset, and
 //! its handshake asserts on a zero write.

@@ -1,6 +1,6 @@
 //! `walkie run --trace FILE`: one JSON line per Realtime event sent or received,
 //! `{"t_ms":…, "dir":"out"|"in", "event":{…}}`, base64 audio replaced by a placeholder
-//! (DESIGN.md §3). The API key never passes through here: it only travels in the upgrade
+//! (README.md, `--trace`). The API key never passes through here: it only travels in the upgrade
 //! request's header, which is not an event. Every text in an event is redacted before it is
 //! written (what walkie sends already is; what the model or the user says may not be).
 

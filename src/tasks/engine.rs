@@ -521,7 +521,8 @@ impl TaskEngine {
         &self.containment
     }
 
-    /// Finds a task by exact name, unique prefix or word match (DESIGN.md §3).
+    /// Finds a task by exact name, unique prefix or word match (README.md, "Using it without a
+    /// microphone").
     pub fn resolve(&self, reference: &str) -> Result<&TaskRecord, TaskError> {
         match names::resolve(reference, self.records.iter().map(|r| r.name.as_str())) {
             Resolution::Found(name) => self

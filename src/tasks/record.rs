@@ -1,5 +1,5 @@
 //! The registry's records: what walkie knows about each task, as stored in the state file
-//! and shown by `walkie ctl tasks --json` (DESIGN.md §3).
+//! and shown by `walkie ctl tasks --json` (README.md).
 
 use serde::{Deserialize, Serialize};
 

@@ -1035,25 +1035,18 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// The real CLI captures: `$WALKIE_FIXTURES`, else the crate's own copy, else the shared
-    /// folder beside the checkout (`../shared`, or `../../shared` from a worktree).
+    /// The real CLI captures: `$WALKIE_FIXTURES`, else the crate's own copy.
     fn fixture_dir() -> PathBuf {
         if let Some(dir) = std::env::var_os("WALKIE_FIXTURES") {
             return PathBuf::from(dir);
         }
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let candidates = [
-            root.join("tests/fixtures/claude-cli"),
-            root.join("../shared/fixtures/claude-cli"),
-            root.join("../../shared/fixtures/claude-cli"),
-        ];
-        candidates
-            .iter()
-            .find(|dir| dir.join("write/stdout.jsonl").is_file())
-            .cloned()
-            .unwrap_or_else(|| {
-                panic!("Claude CLI fixtures not found in {candidates:?}; set WALKIE_FIXTURES")
-            })
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/claude-cli");
+        assert!(
+            dir.join("write/stdout.jsonl").is_file(),
+            "Claude CLI fixtures not found in {}; set WALKIE_FIXTURES",
+            dir.display()
+        );
+        dir
     }
 
     fn read_fixture(case: &str, file: &str) -> Vec<u8> {

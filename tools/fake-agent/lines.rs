@@ -1,6 +1,6 @@
 //! Builders for the Claude Code CLI's stream-json lines (no IO, no clock of their own).
 //!
-//! Shapes copied from the real captures in `shared/fixtures/claude-cli/` (CLI 2.1.331): every
+//! Shapes copied from the real captures in `tests/fixtures/claude-cli/` (CLI 2.1.331): every
 //! line carries `type`, `session_id` and `uuid`; assistant and user lines also carry a
 //! `timestamp`. The init line reproduces the real one's lists so it is several KB long, as
 //! walkie's parser will meet it. Callers pass the timestamp in, so tests are deterministic.
