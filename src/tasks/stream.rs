@@ -425,7 +425,7 @@ impl StreamParser {
         out.push(StreamEvent::ToolUse {
             name: name.to_owned(),
             file_path: file_path.map(str::to_owned),
-            detail: shorten(&detail, DETAIL_MAX),
+            detail: detail_excerpt(&detail),
             id: block
                 .id
                 .as_str()
@@ -539,6 +539,18 @@ fn find_newline(haystack: &[u8]) -> Option<usize> {
 }
 
 /// Whitespace collapsed to single spaces, cut to `max` chars with "…".
+/// A tool's detail as it is kept: redacted before it is cut, so a key across the cut is
+/// never shown in part. Only the start of the text is read (a heredoc may be megabytes, and
+/// this runs on the loop): a window four times the kept length, so a key that reaches the
+/// cut is whole inside it.
+fn detail_excerpt(detail: &str) -> String {
+    let window = match detail.char_indices().nth(4 * DETAIL_MAX) {
+        Some((at, _)) => &detail[..at],
+        None => detail,
+    };
+    shorten(&super::redact::redact(window), DETAIL_MAX)
+}
+
 pub(crate) fn shorten(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max * 4));
     let mut chars = 0;
@@ -1959,6 +1971,25 @@ mod tests {
         assert!(detail.starts_with("cat <<'EOF' > x word word"));
         assert!(detail.ends_with('…'));
         assert!(!detail.contains('\n'));
+    }
+
+    #[test]
+    fn a_key_across_the_tool_details_cut_is_redacted_not_shown_in_part() {
+        let key = "sk-proj-CZ8hKYWHJPu05MC4jXq7Lw2Rt9VbN3mEa6Gd1Sf8Hk0Jp5Qz4Xc7Vb2Nm9Lk3Jh6Gf";
+        // The key starts 6 to 40 characters before the cut at DETAIL_MAX.
+        for starts_at in [DETAIL_MAX - 40, DETAIL_MAX - 20, DETAIL_MAX - 6] {
+            let command = format!("{}{key} done", "a ".repeat(starts_at / 2));
+            let line = serde_json::json!({"type":"assistant","message":{"content":[
+                {"type":"tool_use","name":"Bash","input":{"command": command}}]}});
+            let (_, events) = parse_all(format!("{line}\n").as_bytes());
+            let (_, _, detail) = tool_uses(&events)[0];
+            assert!(detail.chars().count() <= DETAIL_MAX, "{detail}");
+            assert!(
+                !detail.contains("sk-proj-CZ"),
+                "a piece of the key: {detail}"
+            );
+            assert!(!detail.contains("CZ8hKYW"), "a piece of the key: {detail}");
+        }
     }
 
     #[test]
