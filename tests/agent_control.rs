@@ -13,6 +13,52 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 
+/// A scripted reply that says a word and calls `name`.
+fn call(name: &str, arguments: Value) -> Value {
+    json!({"say": "Okay.", "audio_ms": 100, "call": {"name": name, "arguments": arguments}})
+}
+
+/// A 24 kHz mono 16-bit WAV file of `ms` milliseconds of a 300 Hz tone (the microphone).
+fn write_tone_wav(path: &std::path::Path, ms: usize) {
+    let samples: Vec<i16> = (0..ms * 24)
+        .map(|n| ((n as f32 * 300.0 * std::f32::consts::TAU / 24_000.0).sin() * 8000.0) as i16)
+        .collect();
+    let data = (samples.len() * 2) as u32;
+    let mut bytes = Vec::with_capacity(44 + data as usize);
+    bytes.extend_from_slice(b"RIFF");
+    bytes.extend_from_slice(&(36 + data).to_le_bytes());
+    bytes.extend_from_slice(b"WAVEfmt ");
+    bytes.extend_from_slice(&16u32.to_le_bytes());
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    bytes.extend_from_slice(&1u16.to_le_bytes()); // mono
+    bytes.extend_from_slice(&24_000u32.to_le_bytes());
+    bytes.extend_from_slice(&48_000u32.to_le_bytes());
+    bytes.extend_from_slice(&2u16.to_le_bytes());
+    bytes.extend_from_slice(&16u16.to_le_bytes());
+    bytes.extend_from_slice(b"data");
+    bytes.extend_from_slice(&data.to_le_bytes());
+    for s in samples {
+        bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Bytes of microphone audio walkie has sent so far.
+fn appended_bytes(fake: &FakeRealtime) -> usize {
+    fake.events_of_type("input_audio_buffer.append")
+        .iter()
+        .map(|e| e["audio"].as_str().unwrap_or("").len() * 3 / 4)
+        .sum()
+}
+
+/// The permission requests announced to the model so far, in order.
+fn announced(fake: &FakeRealtime) -> Vec<String> {
+    system_texts(fake)
+        .into_iter()
+        .filter(|t| t.contains("Permission request"))
+        .collect()
+}
+
 /// What the scripted model does with each typed turn: the tools this issue added, always
 /// on the task named `flaky`.
 fn script() -> Value {
@@ -55,11 +101,26 @@ fn started(agent_extra: &str) -> Walkie {
 /// A walkie with kept-open agents, connected to fake-realtime playing [`script`] (or
 /// `custom`), with a trace file.
 fn with_voice(agent_extra: &str, custom: Option<Value>) -> (Walkie, FakeRealtime) {
+    with_voice_and_audio(agent_extra, custom, None)
+}
+
+/// [`with_voice`], with `audio` as the `[audio]` section's body instead of no audio.
+fn with_voice_and_audio(
+    agent_extra: &str,
+    custom: Option<Value>,
+    audio: Option<&str>,
+) -> (Walkie, FakeRealtime) {
     let mut w = Walkie::new();
     let script_file = w.path("script.json");
     std::fs::write(&script_file, custom.unwrap_or_else(script).to_string()).unwrap();
     let fake = FakeRealtime::start(w.dir.path(), &["--script", script_file.to_str().unwrap()]);
-    w.write_config(&kept_open(&w.realtime_config(&fake, agent_extra, "")));
+    let mut config = kept_open(&w.realtime_config(&fake, agent_extra, ""));
+    if let Some(audio) = audio {
+        let none = "[audio]\nbackend = \"none\"\n";
+        assert!(config.contains(none), "{config}");
+        config = config.replace(none, &format!("[audio]\n{audio}\n"));
+    }
+    w.write_config(&config);
     w.extra_env
         .insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
     w.start_with(&["--trace", w.path("trace.jsonl").to_str().unwrap()]);
@@ -119,10 +180,19 @@ fn tool_output(w: &Walkie, tool: &str) -> Value {
     out.remove(0)
 }
 
-/// Waits until the fake server has no response running (what walkie asked was said).
-fn quiet(fake: &FakeRealtime) {
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(wait_until(T, || fake.state()["active_response"].is_null()));
+/// Waits until walkie neither runs nor wants a response and the fake server has none
+/// running (what walkie asked was said, and what the model called has its output back).
+/// walkie asks for a response in the same step it sends what the response answers, so its
+/// own status is never idle in between.
+fn quiet(w: &Walkie, fake: &FakeRealtime) {
+    let mut last = Value::Null;
+    let ok = wait_until(T, || {
+        last = w.ctl_json(&["status"])["conversation"].clone();
+        last["active_response"].is_null()
+            && last["response_wanted"] == false
+            && fake.state()["active_response"].is_null()
+    });
+    assert!(ok, "never quiet: {last}\n{}", w.log());
 }
 
 /// Waits until task `name` is in `state`; returns its record.
@@ -181,7 +251,7 @@ fn a_permission_request_is_announced_when_idle_and_allowed_by_a_typed_turn() {
             .iter()
             .any(|t| t.starts_with("Permission request: flaky wants to run: npm test. Allow?"))
     });
-    quiet(&fake);
+    quiet(&w, &fake);
     assert_eq!(w.task("flaky")["state"], "waiting", "nobody answered yet");
     // The user answers (typed); the model's answer_task now counts.
     let (code, _, err) = w.ctl(&["say", "yes, allow it"]);
@@ -213,7 +283,7 @@ fn a_permission_request_denied_by_voice_goes_on_without_the_tool() {
             .iter()
             .any(|t| t.contains("flaky wants to run: rm -rf build. Allow?"))
     });
-    quiet(&fake);
+    quiet(&w, &fake);
     w.ctl(&["say", "no, not now"]);
     let out = tool_output(&w, "answer_task");
     assert_eq!(out["decision"], "deny", "{out}");
@@ -250,8 +320,9 @@ fn the_model_approving_without_a_user_turn_is_refused() {
             .contains("the user has not answered flaky's request"),
         "{out}"
     );
-    quiet(&fake);
-    std::thread::sleep(Duration::from_millis(300));
+    quiet(&w, &fake);
+    // The refusal is decided before the output is sent: no answer went to the agent.
+    assert!(!w.log().contains("task flaky: allowed"), "{}", w.log());
     assert_eq!(w.task("flaky")["state"], "waiting", "nothing was sent");
     // The user themself, at the command line, needs no spoken turn.
     let (code, out, err) = w.ctl(&["approve", "flaky"]);
@@ -259,6 +330,220 @@ fn the_model_approving_without_a_user_turn_is_refused() {
     assert_eq!(out.trim(), "allowed flaky to run `./deploy.sh`");
     wait_state(&w, "flaky", "succeeded");
     assert_eq!(results(&w, "flaky")[0]["permission_denials"], json!([]));
+}
+
+#[test]
+fn a_permission_request_is_allowed_by_a_spoken_turn() {
+    let mut spoken = script();
+    // What the fake transcribes the committed audio as.
+    spoken["transcript"] = json!("yes, allow it");
+    // The microphone: a WAV file walkie reads in real time (30 s, more than needed).
+    let audio_dir = tempfile::tempdir().unwrap();
+    let mic = audio_dir.path().join("mic.wav");
+    write_tone_wav(&mic, 30_000);
+    let audio = format!(
+        "backend = \"wav\"\ninput_wav = \"{}\"\noutput_wav = \"{}\"\nearcons = false",
+        mic.display(),
+        audio_dir.path().join("out.wav").display()
+    );
+    let (w, fake) = with_voice_and_audio("", Some(spoken), Some(&audio));
+    w.start_task(&["--name", "flaky", "fix the flaky test @ask=npm_test"]);
+    fake.wait_events(T, "the permission announcement", |_| {
+        announced(&fake)
+            .iter()
+            .any(|t| t.contains("flaky wants to run: npm test. Allow?"))
+    });
+    quiet(&w, &fake);
+    assert!(tool_outputs(&w, "answer_task").is_empty());
+    // The user holds the button and says yes: half a second of live audio after the
+    // pre-roll, measured by what reached the server, then the release commits the turn.
+    let (code, _, err) = w.ctl(&["press"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        wait_until(T, || appended_bytes(&fake) >= 24_000 * 2 * 800 / 1000),
+        "no audio: {} bytes\n{}",
+        appended_bytes(&fake),
+        w.log()
+    );
+    let (code, _, err) = w.ctl(&["release"]);
+    assert_eq!(code, 0, "{err}");
+    let out = tool_output(&w, "answer_task");
+    assert_eq!(
+        out,
+        json!({"status": "answered", "task": "flaky", "decision": "allow", "request": "run `npm test`"})
+    );
+    wait_state(&w, "flaky", "succeeded");
+    assert_eq!(results(&w, "flaky")[0]["permission_denials"], json!([]));
+    // It was a spoken turn: audio committed (no typed text), heard as "yes, allow it".
+    assert_eq!(fake.events_of_type("input_audio_buffer.commit").len(), 1);
+    assert!(
+        fake.events_of_type("conversation.item.create")
+            .iter()
+            .all(|e| e["item"]["role"] != "user"),
+        "nothing was typed"
+    );
+    assert!(wait_until(T, || w
+        .ctl_json(&["transcript"])
+        .to_string()
+        .contains("yes, allow it")));
+}
+
+#[test]
+fn requests_of_several_tasks_are_asked_one_at_a_time_oldest_first() {
+    let custom = json!({
+        "rules": [
+            {"match": "(?i)^yes build", "reply": call("answer_task", json!({"name": "build", "decision": "allow"}))},
+            {"match": "(?i)^yes deploy", "reply": call("answer_task", json!({"name": "deploy", "decision": "allow"}))},
+            // A model that jumps ahead to the request it has not asked about yet.
+            {"match": "(?i)^and deploy", "reply": call("answer_task", json!({"name": "deploy", "decision": "allow"}))}
+        ],
+        "default": {"say": "Hm.", "audio_ms": 100},
+        "after_tool": {"say": "Done.", "audio_ms": 100},
+        "on_system": {"say": "{text}", "audio_ms": 100}
+    });
+    let (w, fake) = with_voice("", Some(custom));
+    // The button is held while both agents ask: nothing can be announced yet.
+    w.ctl(&["press"]);
+    w.start_task(&["--name", "build", "compile @ask=make_all"]);
+    wait_state(&w, "build", "waiting");
+    w.start_task(&["--name", "deploy", "ship @ask=rsync_-a_dist/_host:"]);
+    wait_state(&w, "deploy", "waiting");
+    assert_eq!(
+        w.ctl_json(&["status"])["conversation"]["pending_permissions"],
+        2
+    );
+    assert!(announced(&fake).is_empty());
+    w.ctl(&["release"]);
+    // The older request is asked, alone.
+    fake.wait_events(T, "the first request", |_| !announced(&fake).is_empty());
+    quiet(&w, &fake);
+    let asked = announced(&fake);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].starts_with("Permission request: build wants to run: make all. Allow?"),
+        "{asked:?}"
+    );
+    assert!(!asked[0].contains("deploy"), "one at a time: {asked:?}");
+    // Not asked while the first waits for its answer: another task's completion, said
+    // when the user is idle again, comes without it.
+    w.start_task(&["--name", "other", "look @text=all_fine"]);
+    fake.wait_events(T, "the other task's completion", |_| {
+        system_texts(&fake)
+            .iter()
+            .any(|t| t.contains("other (succeeded)"))
+    });
+    quiet(&w, &fake);
+    assert_eq!(announced(&fake).len(), 1, "{:?}", system_texts(&fake));
+    // An answer for the one not asked yet is refused, even after a user turn.
+    w.ctl(&["say", "and deploy, sure"]);
+    let refused = tool_output(&w, "answer_task");
+    assert_eq!(refused["status"], "rejected", "{refused}");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the user has not answered deploy's request"),
+        "{refused}"
+    );
+    quiet(&w, &fake);
+    assert_eq!(w.task("deploy")["state"], "waiting");
+    assert_eq!(announced(&fake).len(), 1, "deploy waits its turn");
+    // The user answers the first; then the second is asked.
+    w.ctl(&["say", "yes build"]);
+    assert!(wait_until(T, || tool_outputs(&w, "answer_task").len() == 2));
+    assert_eq!(tool_outputs(&w, "answer_task")[1]["task"], "build");
+    fake.wait_events(T, "the second request", |_| announced(&fake).len() == 2);
+    assert!(
+        announced(&fake)[1]
+            .contains("Permission request: deploy wants to run: rsync -a dist/ host:. Allow?"),
+        "{:?}",
+        announced(&fake)
+    );
+    quiet(&w, &fake);
+    w.ctl(&["say", "yes deploy"]);
+    assert!(wait_until(T, || tool_outputs(&w, "answer_task").len() == 3));
+    let answered = &tool_outputs(&w, "answer_task")[2];
+    assert_eq!(answered["status"], "answered", "{answered}");
+    assert_eq!(answered["task"], "deploy", "{answered}");
+    for name in ["build", "deploy"] {
+        wait_state(&w, name, "succeeded");
+        assert_eq!(
+            results(&w, name)[0]["permission_denials"],
+            json!([]),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn the_announcement_says_the_command_short_and_redacted() {
+    let key = "sk-proj-Xy12AbCdEfGhIjKlMnOpQrStUvWxYz0123456789abcd";
+    let (w, fake) = with_voice("", None);
+    let command = format!(
+        "curl_-sS_-H_Authorization:_Bearer_{key}_https://api.example.com/v1/deployments/production/rollouts/latest/status?wait=true&timeout=600"
+    );
+    w.start_task(&[
+        "--name",
+        "flaky",
+        &format!("check the rollout @ask={command}"),
+    ]);
+    fake.wait_events(T, "the permission announcement", |_| {
+        !announced(&fake).is_empty()
+    });
+    let text = announced(&fake).remove(0);
+    let object = text
+        .strip_prefix("Permission request: flaky wants to run: ")
+        .and_then(|rest| rest.split_once(". Allow?"))
+        .map(|(object, _)| object.to_owned())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        object.starts_with("curl -sS -H Authorization: Bearer [redacted]"),
+        "{object}"
+    );
+    assert!(object.ends_with('…'), "cut for speech: {object}");
+    assert!(
+        object.chars().count() <= 80,
+        "{} chars: {object}",
+        object.chars().count()
+    );
+    // The key reaches neither the model, nor ctl tasks, nor the log.
+    let waiting = w.task("flaky");
+    for (place, text) in [
+        (
+            "the model",
+            fake.records()
+                .iter()
+                .map(Value::to_string)
+                .collect::<String>(),
+        ),
+        // (The prompt, the user's own words, is shown as given.)
+        (
+            "ctl tasks",
+            format!("{} {}", waiting["activity"], waiting["waiting_for"]),
+        ),
+        ("the log", w.log()),
+    ] {
+        assert!(
+            !text.contains("Xy12AbCd"),
+            "the key reached {place}: {text}"
+        );
+    }
+    assert!(
+        waiting["waiting_for"]
+            .as_str()
+            .unwrap()
+            .contains("[redacted]"),
+        "{waiting}"
+    );
+    // The agent itself got the real command once allowed (the redaction is only for speech).
+    w.ctl(&["approve", "flaky"]);
+    wait_state(&w, "flaky", "succeeded");
+    assert!(
+        agent_lines(&w, "flaky")
+            .iter()
+            .any(|l| l["type"] == "assistant" && l.to_string().contains(key)),
+        "the agent's tool ran with its own input"
+    );
 }
 
 #[test]
@@ -305,7 +590,7 @@ fn a_withdrawn_request_leaves_the_queue_unasked() {
             .iter()
             .any(|t| t.contains("flaky (succeeded)"))
     });
-    quiet(&fake);
+    quiet(&w, &fake);
     let texts = system_texts(&fake);
     assert!(
         texts.iter().all(|t| !t.contains("Permission request")),
@@ -355,24 +640,40 @@ fn approve_always_and_deny_from_the_command_line() {
 
 #[test]
 fn message_task_reaches_the_working_agent_at_its_next_step() {
-    let (w, _fake) = with_voice("", None);
-    w.start_task(&["--name", "flaky", "build @bash=make @tool-ms=1500"]);
-    let mut running = Value::Null;
-    assert!(wait_until(T, || {
-        running = w.task("flaky");
-        running["activity"] == "running `make`"
-    }));
+    let (w, fake) = with_voice("", None);
+    // The agent's step waits on an approval: a message sent now reaches it only at the
+    // tool boundary after the approved command, however long the test takes.
+    w.start_task(&["--name", "flaky", "build @ask=make"]);
+    wait_state(&w, "flaky", "waiting");
+    fake.wait_events(T, "the permission announcement", |_| {
+        !announced(&fake).is_empty()
+    });
+    quiet(&w, &fake);
     w.ctl(&["say", "also @bash=make_lint"]);
     let out = tool_output(&w, "message_task");
     assert_eq!(out["status"], "sent", "{out}");
     assert_eq!(out["delivery"], "the agent takes it in at its next step");
+    quiet(&w, &fake);
+    // Not taken in yet: task_status says so.
+    w.ctl(&["say", "what is it doing?"]);
+    let status = tool_output(&w, "task_status");
+    assert_eq!(status["last_message"], "sent, not taken in yet", "{status}");
+    quiet(&w, &fake);
+    w.ctl(&["approve", "flaky"]);
     let done = wait_state(&w, "flaky", "succeeded");
     // One turn took both: the message joined it at the tool boundary.
     let results = results(&w, "flaky");
     assert_eq!(results.len(), 1, "{results:?}");
     let lines = agent_lines(&w, "flaky");
+    let at = |wanted: &dyn Fn(&Value) -> bool| lines.iter().position(wanted);
+    let ran = at(&|l| l["type"] == "user" && l.to_string().contains("tool_result")).unwrap();
+    let replay = at(&|l| {
+        l["type"] == "user" && l["isReplay"] == true && l.to_string().contains("make_lint")
+    })
+    .expect("the message was replayed: its receipt");
+    assert!(ran < replay, "taken in after the approved command's result");
     assert!(
-        lines
+        lines[replay..]
             .iter()
             .any(|l| l["type"] == "assistant" && l.to_string().contains("make lint")),
         "the steered tool ran"
@@ -384,9 +685,11 @@ fn message_task_reaches_the_working_agent_at_its_next_step() {
             .contains("The user sent a new message while you were working"),
         "{done}"
     );
-    // task_status says it was taken in.
+    // task_status says it was taken in (the replayed uuid).
+    quiet(&w, &fake);
     w.ctl(&["say", "what is it doing now?"]);
-    let status = tool_output(&w, "task_status");
+    assert!(wait_until(T, || tool_outputs(&w, "task_status").len() == 2));
+    let status = &tool_outputs(&w, "task_status")[1];
     assert_eq!(status["last_message"], "taken in", "{status}");
     assert_eq!(status["warm"], true, "{status}");
 }
