@@ -957,6 +957,20 @@ fn an_old_prompt_command_runs_one_shot_and_says_how_to_switch() {
     w.start();
     let notice = "agent.command contains \"{prompt}\", so tasks run one-shot";
     assert!(wait_until(T, || w.log().contains(notice)), "{}", w.log());
+    // While it runs it takes no interrupt, message or answer: there is no input to send
+    // them on.
+    let stalled = w.start_task(&["--name", "stalled", "@stall"]);
+    assert!(wait_until(T, || w.task(&stalled)["pid"].is_i64()));
+    for args in [&["interrupt", "stalled"][..], &["approve", "stalled"]] {
+        let (code, _, err) = w.ctl(args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(
+            err.contains("task stalled runs one-shot"),
+            "{args:?}: {err}"
+        );
+    }
+    w.ctl(&["cancel", "stalled"]);
+    assert_eq!(w.wait_finished("stalled", T)["state"], "cancelled");
     let name = w.start_task(&["@text=fine"]);
     let done = w.wait_finished(&name, T);
     assert_eq!(done["state"], "succeeded");

@@ -744,6 +744,14 @@ impl TaskEngine {
     ) -> Result<(String, String), TaskError> {
         let record = self.resolve(reference)?;
         let (name, id) = (record.name.clone(), record.id.clone());
+        if self
+            .live
+            .get(&id)
+            .is_some_and(|l| l.run.session().is_none())
+        {
+            // Its agent has no input to answer on: it was refused at once.
+            return Err(TaskError::OneShot(name));
+        }
         let session = self
             .live
             .get_mut(&id)
