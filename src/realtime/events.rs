@@ -384,8 +384,9 @@ pub fn tools() -> Vec<FunctionTool> {
         ),
         tool(
             "task_status",
-            "Current state of one task: running or finished, for how long, and its latest \
-             progress.",
+            "Current state of one task: running, waiting for the user's approval, or finished, for \
+             how long; what its agent is doing now (activity) and its last sentence; whether \
+             the last message_task text was taken in. Use it for \"what is it doing?\".",
             json!({
                 "type": "object",
                 "properties": {"name": name_property},
@@ -420,7 +421,8 @@ pub fn tools() -> Vec<FunctionTool> {
         ),
         tool(
             "cancel_task",
-            "Stop a running task and everything it started.",
+            "Stop a task for good: a running or waiting one and everything it started, or the \
+             agent a finished one keeps warm. To stop only its current step, use interrupt_task.",
             json!({
                 "type": "object",
                 "properties": {"name": name_property},
@@ -847,6 +849,55 @@ mod tests {
             v["session"]["audio"]["input"],
             json!({"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": null})
         );
+    }
+
+    #[test]
+    fn the_instructions_and_descriptions_say_how_to_talk_to_a_working_agent() {
+        // What the conversation core sends starts with these words; the instructions
+        // quote them.
+        for quoted in ["\"Task update\"", "\"Permission request\""] {
+            assert!(INSTRUCTIONS.contains(quoted), "{quoted}");
+        }
+        for tool in [
+            "task_status",
+            "message_task",
+            "interrupt_task",
+            "answer_task",
+            "cancel_task",
+        ] {
+            assert!(
+                INSTRUCTIONS.contains(tool),
+                "the instructions do not name {tool}"
+            );
+        }
+        assert!(INSTRUCTIONS.contains("never decide for them"));
+        // Briefly: every session carries them.
+        assert!(INSTRUCTIONS.len() < 3000, "{} bytes", INSTRUCTIONS.len());
+        let v = to_value(&session_update(&SessionSettings::default()));
+        let description = |name: &str| {
+            v["session"]["tools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["name"] == name)
+                .unwrap()["description"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        for (tool, says) in [
+            ("task_status", "what its agent is doing now"),
+            ("task_status", "taken in"),
+            ("message_task", "with now"),
+            ("interrupt_task", "without ending the task"),
+            ("answer_task", "an answer without one is refused"),
+            ("cancel_task", "interrupt_task"),
+            ("continue_task", "starts on it at once"),
+        ] {
+            let text = description(tool);
+            assert!(text.contains(says), "{tool}: {text}");
+            assert!(text.len() < 400, "{tool} is not brief: {text}");
+        }
     }
 
     #[test]
