@@ -866,6 +866,62 @@ fn a_warm_follow_up_reuses_the_process_and_a_cold_one_resumes() {
 }
 
 #[test]
+fn message_task_to_a_warm_task_starts_its_next_turn_at_once() {
+    let (w, fake) = with_voice("", None);
+    w.start_task(&["--name", "flaky", "first @text=one"]);
+    let first = wait_state(&w, "flaky", "succeeded");
+    assert_eq!(first["warm"], true, "{first}");
+    let pid = first["pid"].as_i64().unwrap();
+    fake.wait_events(T, "the completion", |_| {
+        system_texts(&fake)
+            .iter()
+            .any(|t| t.contains("flaky (succeeded)"))
+    });
+    quiet(&w, &fake);
+    w.ctl(&["say", "also @text=two"]);
+    assert_eq!(
+        tool_output(&w, "message_task"),
+        json!({"status": "started", "task": "flaky", "delivery": "its agent started on it at once"})
+    );
+    let mut last = Value::Null;
+    assert!(wait_until(T, || {
+        last = w.task("flaky");
+        last["state"] == "succeeded" && last["runs"] == 2
+    }));
+    assert_eq!(last["summary"], "two.", "{last}");
+    assert_eq!(last["pid"].as_i64(), Some(pid), "the same process: {last}");
+    assert_eq!(results(&w, "flaky").len(), 2);
+}
+
+#[test]
+fn the_permission_mode_is_passed_through() {
+    // The default, acceptEdits: the Bash command is asked about.
+    let w = started("");
+    w.start_task(&["--name", "asks", "test @ask=npm_test"]);
+    let waiting = wait_state(&w, "asks", "waiting");
+    let argv = cmdline(waiting["pid"].as_i64().unwrap());
+    assert!(argv.contains("--permission-mode acceptEdits"), "{argv}");
+    assert!(argv.contains("--permission-prompt-tool stdio"), "{argv}");
+    w.ctl(&["cancel", "asks"]);
+    wait_state(&w, "asks", "cancelled");
+    // bypassPermissions, written by the user: nothing is asked.
+    let w = started("permission_mode = \"bypassPermissions\"");
+    w.start_task(&["--name", "bold", "test @ask=npm_test"]);
+    let done = wait_state(&w, "bold", "succeeded");
+    assert!(
+        cmdline(done["pid"].as_i64().unwrap()).contains("--permission-mode bypassPermissions"),
+        "{}",
+        cmdline(done["pid"].as_i64().unwrap())
+    );
+    assert_eq!(results(&w, "bold")[0]["permission_denials"], json!([]));
+    assert!(
+        !w.log().contains("task bold asks to run"),
+        "asked under bypassPermissions:\n{}",
+        w.log()
+    );
+}
+
+#[test]
 fn max_warm_closes_the_agent_idle_longest() {
     let w = started("warm_s = 300\nmax_warm = 1");
     w.start_task(&["--name", "older", "one @text=a"]);
