@@ -1263,21 +1263,8 @@ impl TaskEngine {
         let Some(live) = self.live.get_mut(id) else {
             return;
         };
-        let Outcome {
-            state,
-            error,
-            summary,
-            result_text,
-            session_id,
-            files_changed,
-            cost_usd,
-            ..
-        } = outcome;
-        // As at a run's end: halves of keys split across the output's lines go too.
-        let output = live.tail.text();
-        let summary = redact::scrub(&summary, &output);
-        let error = error.map(|e| redact::scrub(&e, &output));
-        let result_text = result_text.map(|t| redact::scrub(&t, &output));
+        let outcome = scrub_outcome(outcome, &live.tail.text());
+        let (state, summary) = (outcome.state, outcome.summary.clone());
         self.disk.note(
             &live.logs.text,
             &format!("=== {}: {summary}\n", state.as_str()),
@@ -1285,23 +1272,14 @@ impl TaskEngine {
         let Some(record) = self.records.iter_mut().find(|r| r.id == id) else {
             return;
         };
-        record.state = state;
-        record.ended_at = Some(crate::clock::now_rfc3339());
-        record.exit_code = None;
-        record.summary = Some(summary.clone());
-        record.error = error;
-        record.result_text = result_text;
-        if session_id.is_some() {
-            record.session_id = session_id;
-        }
-        for f in files_changed {
-            if !record.files_changed.contains(&f) {
-                record.files_changed.push(f);
-            }
-        }
-        if cost_usd.is_some() {
-            record.cost_usd = cost_usd;
-        }
+        // The process lives on, waiting for a follow-up: no exit code yet.
+        write_outcome(
+            record,
+            Outcome {
+                exit_code: None,
+                ..outcome
+            },
+        );
         let name = record.name.clone();
         log::info!(
             "task {name} {}: {summary} (its agent waits for a follow-up)",
@@ -1814,24 +1792,8 @@ impl TaskEngine {
 
     /// Records the outcome of a run that ended.
     fn record_outcome(&mut self, mut live: Live, outcome: Outcome) {
-        let Outcome {
-            state,
-            exit_code,
-            error,
-            summary,
-            result_text,
-            session_id,
-            files_changed,
-            cost_usd,
-            stragglers,
-            reported: _,
-        } = outcome;
-        // The output shows keys split across its lines: their halves go from what was
-        // derived from it by another path (the final answer, a failure reason) too.
-        let output = live.tail.text();
-        let summary = redact::scrub(&summary, &output);
-        let error = error.map(|e| redact::scrub(&e, &output));
-        let result_text = result_text.map(|t| redact::scrub(&t, &output));
+        let outcome = scrub_outcome(outcome, &live.tail.text());
+        let (state, summary) = (outcome.state, outcome.summary.clone());
         if live.dropped > 0 {
             self.disk.note(
                 &live.logs.text,
@@ -1845,30 +1807,14 @@ impl TaskEngine {
         self.disk.close(live.logs.dir.clone());
         // The agent's temp files are its own business.
         self.disk.remove_all(live.tmpdir.clone());
-        self.release_cgroup(&mut live, stragglers);
+        self.release_cgroup(&mut live, outcome.stragglers);
         let Some(record) = self.records.iter_mut().find(|r| r.id == live.id) else {
             return;
         };
-        record.state = state;
         record.warm = false;
         record.pid = None;
         record.pid_start_time = None;
-        record.ended_at = Some(crate::clock::now_rfc3339());
-        record.exit_code = exit_code;
-        record.summary = Some(summary.clone());
-        record.error = error;
-        record.result_text = result_text;
-        if session_id.is_some() {
-            record.session_id = session_id;
-        }
-        for f in files_changed {
-            if !record.files_changed.contains(&f) {
-                record.files_changed.push(f);
-            }
-        }
-        if cost_usd.is_some() {
-            record.cost_usd = cost_usd;
-        }
+        write_outcome(record, outcome);
         let name = record.name.clone();
         log::info!("task {name} {}: {summary}", state.as_str());
         self.events.push_back(TaskEvent::Finished {
@@ -2302,6 +2248,38 @@ fn emit_output(
             name: live.name.clone(),
             text: live.redactor.redact_piece(rendered),
         });
+    }
+}
+
+/// An outcome with the halves of keys its task's output shows split across lines taken
+/// out of its texts: the final answer and a failure reason come from that output by
+/// another path, where the other half was not beside them.
+fn scrub_outcome(mut outcome: Outcome, output: &str) -> Outcome {
+    outcome.summary = redact::scrub(&outcome.summary, output);
+    outcome.error = outcome.error.map(|e| redact::scrub(&e, output));
+    outcome.result_text = outcome.result_text.map(|t| redact::scrub(&t, output));
+    outcome
+}
+
+/// Writes an ended run's or turn's outcome into its record. What this run did not report
+/// (a session id, a cost) keeps the earlier run's value; changed files add up over runs.
+fn write_outcome(record: &mut TaskRecord, outcome: Outcome) {
+    record.state = outcome.state;
+    record.ended_at = Some(crate::clock::now_rfc3339());
+    record.exit_code = outcome.exit_code;
+    record.summary = Some(outcome.summary);
+    record.error = outcome.error;
+    record.result_text = outcome.result_text;
+    if outcome.session_id.is_some() {
+        record.session_id = outcome.session_id;
+    }
+    for f in outcome.files_changed {
+        if !record.files_changed.contains(&f) {
+            record.files_changed.push(f);
+        }
+    }
+    if outcome.cost_usd.is_some() {
+        record.cost_usd = outcome.cost_usd;
     }
 }
 
