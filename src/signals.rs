@@ -2,7 +2,7 @@
 //!
 //! [`block_signals`] must run on the main thread before any other thread starts, so every
 //! thread inherits the mask and no signal is delivered the classic way. Children get an
-//! empty mask back before exec (`sys::process::agent_pre_exec`).
+//! empty mask back before exec (`sys::process::spawn_agent`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

@@ -272,7 +272,8 @@ impl Cgroups {
     }
 
     /// Creates task `id`'s cgroup, with `memory_max` bytes as its `memory.max` where the
-    /// controller is enabled, and opens its `cgroup.procs` for the child to move itself in.
+    /// controller is enabled, and opens the directory (`O_PATH`) for the agent to be started
+    /// in (`sys::process::spawn_agent`).
     pub fn create_task(&self, id: &str, memory_max: Option<u64>) -> io::Result<(PathBuf, OwnedFd)> {
         let dir = self.task_dir(id);
         let created = match fs::create_dir(&dir) {
@@ -292,10 +293,14 @@ impl Cgroups {
             // One OOM kill takes the whole task: the agent is never left half-alive.
             let _ = fs::write(dir.join("memory.oom.group"), "1");
         }
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))?;
-        Ok((dir, procs.into()))
+        let fd = nix::fcntl::open(
+            &dir,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        Ok((dir, fd))
     }
 
     /// The task cgroups found in the subtree, as `(id, path)`: leftovers at start.

@@ -17,18 +17,16 @@
 //! warm agent is its next turn in the same process, a later one resumes the session in a
 //! new process.
 //!
-//! Nothing here blocks or touches the disk on the loop: spawning is a fork/exec (the child
-//! creates its own directories and joins its cgroup before exec), exits come from SIGCHLD +
-//! `waitpid(-1, WNOHANG)`, `/proc` scans and cgroup kills run on the membership thread, and
-//! log writes, rotation, read-backs and removals run on the writer thread.
+//! Nothing here blocks or touches the disk on the loop: spawning is a clone3/exec (the
+//! child starts in its cgroup and creates its own directories before exec; see
+//! `sys::process`), exits come from SIGCHLD + `waitpid(-1, WNOHANG)`, `/proc` scans and
+//! cgroup kills run on the membership thread, and log writes, rotation, read-backs and
+//! removals run on the writer thread.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +56,7 @@ use super::writer::{DiskWriter, Done};
 use crate::config::{AgentConfig, AgentProtocol};
 use crate::paths::Paths;
 use crate::reactor::{TASK_PIPES, TokenPool};
+use crate::sys::process::ChildIo;
 
 /// Bytes read from one pipe per readiness before yielding to the rest of the loop; a pipe
 /// with more to give is serviced again on the next iteration (see [`TaskEngine::has_backlog`]).
@@ -2006,72 +2005,57 @@ impl TaskEngine {
             ),
             None => None,
         };
-        let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
-        let (Some(cwd), Some(tmp)) = (cstr(Path::new(&record.cwd)), cstr(&tmpdir)) else {
-            if let Some((dir, _)) = cgroup {
-                self.members.remove_cgroup(dir);
-            }
-            return Err(TaskError::Spawn("a path contains a NUL byte".into()));
-        };
-        let mut make_dirs = vec![tmp];
+        let cwd = PathBuf::from(&record.cwd);
+        let mut make_dirs = vec![tmpdir.as_path()];
         if new_cwd {
-            make_dirs.insert(0, cwd.clone());
+            make_dirs.insert(0, cwd.as_path());
         }
-        let (cgroup_dir, cgroup_procs) = match cgroup {
+        let (cgroup_dir, cgroup_fd) = match cgroup {
             Some((dir, fd)) => (Some(dir), Some(fd)),
             None => (None, None),
         };
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .envs(self.environment(record, &tmpdir, kept_open))
-            .stdin(if kept_open {
-                Stdio::piped()
+        let spawned = crate::sys::process::spawn_agent(&crate::sys::process::AgentSpawn {
+            program,
+            args,
+            env: &self.environment(record, &tmpdir, kept_open),
+            cwd: &cwd,
+            make_dirs: &make_dirs,
+            death_signal: Signal::SIGTERM,
+            cgroup: cgroup_fd.as_ref(),
+            stdin: if kept_open {
+                ChildIo::Pipe
             } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        crate::sys::process::agent_pre_exec(
-            &mut cmd,
-            crate::sys::process::ChildSetup {
-                death_signal: Signal::SIGTERM,
-                cgroup_procs,
-                make_dirs,
-                cwd,
+                ChildIo::Null
             },
-        );
-        let spawned = cmd.spawn();
-        drop(cmd); // closes walkie's copy of cgroup.procs
-        let mut child = match spawned {
+            stdout: ChildIo::Pipe,
+            stderr: ChildIo::Pipe,
+        });
+        drop(cgroup_fd);
+        let child = match spawned {
             Ok(child) => child,
             Err(e) => {
                 if let Some(dir) = cgroup_dir {
                     self.members.remove_cgroup(dir);
                 }
-                // exec's ENOENT is the program; a missing working directory is chdir's.
-                let cwd_missing = !Path::new(&record.cwd).is_dir();
                 self.disk.remove_all(tmpdir);
-                if new_cwd && !cwd_missing {
-                    self.disk.remove_all(PathBuf::from(&record.cwd));
+                if new_cwd {
+                    self.disk.remove_all(cwd);
                 }
-                return Err(if e.kind() == io::ErrorKind::NotFound && !cwd_missing {
-                    TaskError::Spawn(format!(
-                        "{program}: command not found (agent.command, PATH)"
-                    ))
+                return Err(TaskError::Spawn(if e.is_not_found() {
+                    format!("{program}: command not found (agent.command, PATH)")
                 } else {
-                    TaskError::Spawn(format!("{program}: {e}"))
-                });
+                    format!("{program}: {e}")
+                }));
             }
         };
-        let pid = child.id() as i32;
-        // The child is reaped by `reap` (waitpid(-1)); std's handle is only a bag of pipes.
-        let stdout = child.stdout.take().map(Receiver::from);
-        let stderr = child.stderr.take().map(Receiver::from);
+        let pid = child.pid;
+        // The child is reaped by `reap` (waitpid(-1)).
+        let stdout = child.stdout.map(Receiver::from);
+        let stderr = child.stderr.map(Receiver::from);
         // Registered for WRITABLE only while the session has bytes the pipe did not take
         // (see `flush_stdin`); without a token or non-blocking mode it is dropped: the
         // agent sees EOF and ends.
-        let stdin = child.stdin.take().map(Sender::from).and_then(|tx| {
+        let stdin = child.stdin.map(Sender::from).and_then(|tx| {
             let token = tx
                 .set_nonblocking(true)
                 .ok()
@@ -2088,8 +2072,7 @@ impl TaskEngine {
                 }
             }
         });
-        drop(child);
-        let pidfd = crate::sys::process::pidfd_open(pid).ok();
+        let pidfd = child.pidfd;
         let start_time = proc::stat(pid).map(|s| s.start_time);
         record.pid = Some(pid);
         record.pid_start_time = start_time;
