@@ -1168,3 +1168,195 @@ fn a_cgroup_subtree_removed_under_walkie_is_made_again() {
     assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
     assert!(base.is_dir());
 }
+
+/// Starts an agent whose first instruction reads its own `/proc/self/cgroup` (a shell
+/// redirection, before it runs anything else) and returns the unified-hierarchy line it
+/// printed, with the task's id.
+fn cgroup_seen_by_the_agent_at_its_start(w: &Walkie) -> (String, String) {
+    let name = w.start_task(&["--name", "where", "anything"]);
+    let t = w.wait_finished(&name, T);
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let (_, logs, _) = w.ctl(&["logs", &name]);
+    let line = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("cg 0::"))
+        .unwrap_or_else(|| panic!("no cgroup line in:\n{logs}"))
+        .to_string();
+    (line, t["id"].as_str().unwrap().to_string())
+}
+
+fn cgroup_printing_agent(w: &Walkie) -> String {
+    w.default_config("")
+        .replace(
+            &format!(r#"["{FAKE_AGENT}", "-p", "{{prompt}}", "--output-format", "stream-json", "--verbose"]"#),
+            r#"["/bin/sh", "-c", "while read -r l; do echo \"cg $l\"; done < /proc/self/cgroup", "sh", "{prompt}"]"#,
+        )
+}
+
+#[test]
+fn an_agent_is_in_its_task_cgroup_from_its_first_instruction() {
+    if !cgroups_usable() {
+        eprintln!("walkie cannot create cgroups here: nothing to check");
+        return;
+    }
+    let mut w = Walkie::new();
+    w.write_config(&cgroup_printing_agent(&w));
+    w.start();
+    let (seen, id) = cgroup_seen_by_the_agent_at_its_start(&w);
+    assert!(seen.ends_with(&format!("/task-{id}")), "{seen}");
+    // Started there by clone3, not moved there by a write to cgroup.procs.
+    let log = w.log();
+    assert!(
+        log.contains("agents start by clone3, inside their task cgroup (CLONE_INTO_CGROUP)"),
+        "{log}"
+    );
+    assert!(!log.contains("refused clone3"), "{log}");
+}
+
+/// A seccomp filter answering clone3 with ENOSYS, as a kernel before 5.3 (or Docker's
+/// default profile) does; everything else is allowed. For `pre_exec`: nothing allocated.
+fn deny_clone3() -> std::io::Result<()> {
+    const fn stmt(code: u32, k: u32) -> libc::sock_filter {
+        libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+    static FILTER: [libc::sock_filter; 4] = [
+        // The syscall number (seccomp_data.nr, offset 0).
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_clone3 as u32,
+        },
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: FILTER.len() as u16,
+        filter: FILTER.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid, static filter program.
+    let rc = unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            -1
+        } else {
+            libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog)
+        }
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn where_clone3_is_refused_the_agent_joins_its_task_cgroup_before_exec() {
+    if !cgroups_usable() {
+        eprintln!("walkie cannot create cgroups here: nothing to check");
+        return;
+    }
+    let mut w = Walkie::new();
+    w.write_config(&cgroup_printing_agent(&w));
+    let mut cmd = w.command(&["run"]);
+    // SAFETY: deny_clone3 only makes prctl calls on static data.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, deny_clone3) };
+    w.start_command(cmd);
+    let (seen, id) = cgroup_seen_by_the_agent_at_its_start(&w);
+    assert!(seen.ends_with(&format!("/task-{id}")), "{seen}");
+    let log = w.log();
+    assert!(
+        log.contains("the kernel refused clone3")
+            && log.contains("join their task cgroup before exec"),
+        "{log}"
+    );
+    assert!(!log.contains("agents start by clone3"), "{log}");
+}
+
+/// The task cgroups left under walkie's subtree (empty where there are no cgroups).
+fn task_cgroups(w: &Walkie) -> Vec<String> {
+    let c = w.ctl_json(&["status"])["containment"].clone();
+    let Some(base) = c["path"].as_str().filter(|_| c["kind"] == "cgroup") else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<String> = std::fs::read_dir(base)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("task-"))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+#[test]
+fn an_agent_that_cannot_start_says_why_and_leaves_nothing_behind() {
+    // A working directory gone by the time of a follow-up is not "command not found".
+    let mut w = Walkie::new();
+    let proj = w.path("home/proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    w.write_config(&format!(
+        "{}\n[projects]\nproj = \"~/proj\"\n",
+        w.default_config("")
+    ));
+    w.start();
+    let name = w.start_task(&["--project", "proj", "--name", "p", "hello"]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+    std::fs::remove_dir_all(&proj).unwrap();
+    let (code, _, err) = w.ctl(&["continue", "p", "again"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot enter its working directory: No such file or directory"),
+        "{err}"
+    );
+    assert!(!err.contains("not found"), "{err}");
+    assert_eq!(w.task(&name)["state"], "succeeded");
+    // A NUL byte in a prompt cannot be an argument.
+    let reply = w.raw_request(b"{\"cmd\":\"start\",\"prompt\":\"a\\u0000b\"}\n");
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("an argument contains a NUL byte")),
+        "{reply}"
+    );
+    // Removed by the membership helper, off the loop.
+    assert!(
+        wait_until(T, || task_cgroups(&w).is_empty()),
+        "{:?}",
+        task_cgroups(&w)
+    );
+    assert_eq!(w.tasks().len(), 1);
+    // walkie keeps going.
+    std::fs::create_dir_all(&proj).unwrap();
+    let (code, _, err) = w.ctl(&["continue", "p", "again"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(w.wait_finished(&name, T)["state"], "succeeded");
+
+    // A program that is nowhere on PATH is.
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("").replace(
+        &format!(r#"["{FAKE_AGENT}","#),
+        r#"["walkie-test-no-such-agent","#,
+    ));
+    w.start();
+    let (code, _, err) = w.ctl(&["start", "hello"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("walkie-test-no-such-agent: command not found (agent.command, PATH)"),
+        "{err}"
+    );
+    // Removed by the membership helper, off the loop.
+    assert!(
+        wait_until(T, || task_cgroups(&w).is_empty()),
+        "{:?}",
+        task_cgroups(&w)
+    );
+    assert!(w.tasks().is_empty());
+}

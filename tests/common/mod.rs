@@ -418,15 +418,21 @@ cancel_grace_ms = 1000
     }
 
     pub fn start_with(&mut self, extra_args: &[&str]) {
+        let mut args = vec!["run"];
+        args.extend_from_slice(extra_args);
+        let cmd = self.command(&args);
+        self.start_command(cmd);
+    }
+
+    /// Starts `cmd` (a `walkie run` from [`Walkie::command`]) and waits until its control
+    /// socket answers.
+    pub fn start_command(&mut self, mut cmd: Command) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_file())
             .unwrap();
-        let mut args = vec!["run"];
-        args.extend_from_slice(extra_args);
-        let child = self
-            .command(&args)
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
