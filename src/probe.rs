@@ -4,7 +4,8 @@
 //!
 //! What is recorded, each with its CLOCK_MONOTONIC time (the clock rt-bench and its peers
 //! stamp with):
-//! - `iter`: how long the poll loop was busy between two waits (`a` = ns);
+//! - `iter`: how long the poll loop was busy between two waits (`a` = ns), and how much of
+//!   that the main thread spent on a CPU (`b` = ns; the rest it was preempted);
 //! - `ring`: speech samples pushed into the playback ring, ever (`a`), after a push;
 //! - `dev`: speech samples taken by the playback thread, ever (`a`), and those in the
 //!   period just handed to the device (`b`), after the write;
@@ -64,8 +65,17 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// When the poll loop last returned from its wait (main thread only).
+/// When the poll loop last returned from its wait (main thread only), and the main
+/// thread's CPU time then.
 static WOKE_NS: AtomicU64 = AtomicU64::new(0);
+static WOKE_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// The calling thread's CPU time in ns (a system call: probe builds only).
+fn thread_cpu_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
 
 /// The poll loop is about to wait: the iteration since it woke is over.
 pub fn loop_waits() {
@@ -73,13 +83,15 @@ pub fn loop_waits() {
     START.call_once(start_writer);
     let woke = WOKE_NS.load(Ordering::Relaxed);
     if woke != 0 {
-        ITER.record(now_ns().saturating_sub(woke), 0);
+        let cpu = thread_cpu_ns().saturating_sub(WOKE_CPU_NS.load(Ordering::Relaxed));
+        ITER.record(now_ns().saturating_sub(woke), cpu);
     }
 }
 
 /// The poll loop returned from its wait.
 pub fn loop_woke() {
     WOKE_NS.store(now_ns(), Ordering::Relaxed);
+    WOKE_CPU_NS.store(thread_cpu_ns(), Ordering::Relaxed);
 }
 
 fn start_writer() {

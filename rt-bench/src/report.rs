@@ -126,6 +126,12 @@ const SPECS: &[Spec] = &[
         ratio: true,
     },
     Spec {
+        id: "loop_cpu",
+        title: "loop iteration (on CPU)",
+        target: None,
+        ratio: true,
+    },
+    Spec {
         id: "ctl_rtt",
         title: "control round trip",
         target: None,

@@ -436,10 +436,13 @@ impl Bench {
         }
         let (_, probe, log) = s.stop(Duration::from_secs(15));
         let mut stall = Dist::new();
+        let mut on_cpu = Dist::new();
         // `iter` records stamp the end of an iteration; keep those inside the window.
+        // `b` is the part of it the loop's thread spent on a CPU (not preempted).
         for r in probe.get("iter").into_iter().flatten() {
             if r.t_ns >= from && r.t_ns <= until {
                 stall.record_ns(r.a);
+                on_cpu.record_ns(r.b);
             }
         }
         self.push(
@@ -449,6 +452,14 @@ impl Bench {
             (which, true),
             "ms",
             &stall,
+        );
+        self.push(
+            "loop_cpu",
+            None,
+            variant.clone(),
+            (which, true),
+            "ms",
+            &on_cpu,
         );
         self.push("ctl_rtt", None, variant.clone(), (which, true), "ms", &rtt);
         self.push(

@@ -59,6 +59,7 @@ pub struct AudioEnv {
 pub struct ProbeRec {
     pub t_ns: u64,
     pub a: u64,
+    pub b: u64,
 }
 
 pub type Probe = HashMap<String, Vec<ProbeRec>>;
@@ -408,6 +409,7 @@ fn read_probe(path: &Path) -> Probe {
         out.entry(f[0].to_owned()).or_default().push(ProbeRec {
             t_ns: num(f[1]),
             a: num(f[2]),
+            b: num(f[3]),
         });
     }
     out

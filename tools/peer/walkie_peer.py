@@ -102,13 +102,17 @@ class TimedSelector(selectors.EpollSelector):
         super().__init__()
         self.probe = probe
         self.returned = None
+        self.returned_cpu = 0
 
     def select(self, timeout=None):
         now = time.monotonic_ns()
         if self.returned is not None:
-            self.probe("iter", now - self.returned)
+            # And how much of it the loop's thread was on a CPU.
+            cpu = time.thread_time_ns() - self.returned_cpu
+            self.probe("iter", now - self.returned, cpu)
         ready = super().select(timeout)
         self.returned = time.monotonic_ns()
+        self.returned_cpu = time.thread_time_ns()
         return ready
 
 
