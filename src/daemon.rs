@@ -288,6 +288,7 @@ impl Daemon {
                 .extend(self.reactor.poll(deadline, now)?.iter().cloned());
             #[cfg(feature = "probe")]
             crate::probe::loop_woke();
+            self.engine.begin_iteration();
             let now = Instant::now();
             let ready = std::mem::take(&mut self.ready);
             for event in &ready {

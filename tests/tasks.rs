@@ -416,6 +416,25 @@ fn a_flooding_agent_does_not_starve_the_control_socket_or_grow_memory() {
 }
 
 #[test]
+fn agents_flooding_together_share_the_loop_and_every_byte_is_read() {
+    // Together they print more than one iteration of the loop may read (a pipe left with
+    // data waits its turn): one that never got its turn back would fill its pipe, block
+    // in its write and never finish.
+    let mut w = Walkie::new();
+    w.write_config(&w.default_config("max_running = 6"));
+    w.start();
+    let names: Vec<String> = (0..6)
+        .map(|i| w.start_task(&["--name", &format!("flood{i}"), "@flood=3M"]))
+        .collect();
+    for name in &names {
+        let t = w.wait_finished(name, T);
+        assert_eq!(t["state"], "succeeded", "{t}");
+    }
+    let st = w.ctl_json(&["status"]);
+    assert_eq!(st["tasks"]["running"], 0, "{st}");
+}
+
+#[test]
 fn agents_get_only_the_allowed_environment() {
     let mut w = Walkie::new();
     w.extra_env.insert(

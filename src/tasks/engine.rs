@@ -60,7 +60,12 @@ use crate::sys::process::ChildIo;
 
 /// Bytes read from one pipe per readiness before yielding to the rest of the loop; a pipe
 /// with more to give is serviced again on the next iteration (see [`TaskEngine::has_backlog`]).
-const READ_BUDGET: usize = 64 * 1024;
+const READ_BUDGET: usize = 16 * 1024;
+/// Bytes read from all pipes together in one iteration of the loop: what the agents print
+/// costs the loop a few µs per KiB (parsing, rendering, the log queue), and ten agents
+/// flooding must not hold audio and the link for milliseconds. Pipes left with something
+/// to give wait their turn, oldest first, in the next iterations, which do not wait.
+const ITERATION_BUDGET: usize = 32 * 1024;
 /// Finished tasks kept in the registry; older ones are pruned with their log directory.
 const KEEP_FINISHED: usize = 100;
 /// Longest stderr line kept for the rendered log.
@@ -300,7 +305,10 @@ pub struct TaskEngine {
     /// Stdin pipes of kept-open agents: token → task id.
     stdin_tokens: HashMap<Token, String>,
     pool: TokenPool,
-    backlog: HashSet<Token>,
+    /// Pipes with more to read than their last budget, oldest first.
+    backlog: VecDeque<Token>,
+    /// What may still be read in this iteration of the loop ([`ITERATION_BUDGET`]).
+    budget_left: usize,
     events: VecDeque<TaskEvent>,
     leftovers: HashMap<u64, LeftoverRun>,
     containment: Containment,
@@ -369,7 +377,8 @@ impl TaskEngine {
             tokens: HashMap::new(),
             stdin_tokens: HashMap::new(),
             pool,
-            backlog: HashSet::new(),
+            backlog: VecDeque::new(),
+            budget_left: ITERATION_BUDGET,
             events: VecDeque::new(),
             leftovers: HashMap::new(),
             containment,
@@ -1020,11 +1029,34 @@ impl TaskEngine {
         }
     }
 
+    /// A new iteration of the loop: the byte budget is whole again.
+    pub fn begin_iteration(&mut self) {
+        self.budget_left = ITERATION_BUDGET;
+    }
+
+    /// Reads the pipes left with something to give, oldest first, as far as this
+    /// iteration's budget goes.
     pub fn service_backlog(&mut self, now: Instant) {
-        let tokens: Vec<Token> = self.backlog.drain().collect();
-        for token in tokens {
+        for _ in 0..self.backlog.len() {
+            if self.budget_left == 0 {
+                break;
+            }
+            let Some(token) = self.backlog.pop_front() else {
+                break;
+            };
             self.read_pipe(token, now);
         }
+    }
+
+    /// `token` has more to read than it was given: it waits its turn (once).
+    fn defer(&mut self, token: Token) {
+        if !self.backlog.contains(&token) {
+            self.backlog.push_back(token);
+        }
+    }
+
+    fn forget_backlog(&mut self, token: Token) {
+        self.backlog.retain(|t| *t != token);
     }
 
     /// The helper threads woke the loop: membership reports and read-back logs.
@@ -1524,10 +1556,16 @@ impl TaskEngine {
             Pipe::Stderr => &mut live.stderr,
         };
         let Some((_, rx)) = slot.as_mut() else { return };
+        let budget = READ_BUDGET.min(self.budget_left);
+        if budget == 0 {
+            // Edge-triggered: nothing more comes for it until it is read.
+            self.defer(token);
+            return;
+        }
         let mut total = 0;
         let mut eof = false;
-        while total < READ_BUDGET {
-            match rx.read(&mut self.scratch[total..]) {
+        while total < budget {
+            match rx.read(&mut self.scratch[total..budget]) {
                 Ok(0) => {
                     eof = true;
                     break;
@@ -1542,8 +1580,9 @@ impl TaskEngine {
                 }
             }
         }
-        if total >= READ_BUDGET && !eof {
-            self.backlog.insert(token);
+        self.budget_left -= total;
+        if total >= budget && !eof {
+            self.defer(token);
         }
         let data = std::mem::take(&mut self.scratch);
         self.take_output(&id, pipe, &data[..total], now);
@@ -1567,7 +1606,7 @@ impl TaskEngine {
         };
         let _ = self.registry.deregister(&mut rx);
         self.tokens.remove(&token);
-        self.backlog.remove(&token);
+        self.forget_backlog(token);
         self.pool.release(token);
         // What is buffered now, not what a stray still writing could add forever.
         let mut rest = Vec::new();
@@ -1678,7 +1717,7 @@ impl TaskEngine {
         {
             let _ = self.registry.deregister(&mut rx);
             self.tokens.remove(&token);
-            self.backlog.remove(&token);
+            self.forget_backlog(token);
             self.pool.release(token);
         }
         if let Some(mut pipe) = live.stdin.take() {
@@ -2152,7 +2191,7 @@ impl TaskEngine {
                 Ok(token) => {
                     self.tokens.insert(token, (record.id.clone(), pipe));
                     // Edge-triggered: data may already be waiting.
-                    self.backlog.insert(token);
+                    self.defer(token);
                     match pipe {
                         Pipe::Stdout => live.stdout = Some((token, rx)),
                         Pipe::Stderr => live.stderr = Some((token, rx)),
@@ -2414,6 +2453,7 @@ pub(crate) mod rig {
                     }
                 }
                 self.engine.service_backlog(now);
+                self.engine.begin_iteration();
                 self.engine.on_timeout(now);
                 while let Some(ev) = self.engine.poll_event() {
                     self.events.push(ev);
