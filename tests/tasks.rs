@@ -434,6 +434,24 @@ fn agents_flooding_together_share_the_loop_and_every_byte_is_read() {
     assert_eq!(st["tasks"]["running"], 0, "{st}");
 }
 
+/// The nice value in `/proc/PID/stat` (the 19th field).
+fn nice_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[test]
+fn agents_run_ten_nice_levels_below_walkie() {
+    let mut w = Walkie::new();
+    w.start();
+    let name = w.start_task(&["--name", "busy", "@stall"]);
+    let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    assert_eq!(nice_of(agent), (nice_of(w.pid()) + 10).min(19));
+    w.ctl(&["cancel", &name]);
+    assert_eq!(w.wait_finished(&name, T)["state"], "cancelled");
+}
+
 #[test]
 fn agents_get_only_the_allowed_environment() {
     let mut w = Walkie::new();

@@ -90,6 +90,8 @@ pub struct AgentSpawn<'a> {
     pub make_dirs: &'a [&'a std::path::Path],
     /// Delivered to the agent when walkie dies.
     pub death_signal: Signal,
+    /// Added to walkie's nice value for the agent (and all it starts), up to 19.
+    pub nice: u8,
     /// The task's cgroup v2 directory (opened `O_PATH`), which the agent starts in.
     pub cgroup: Option<&'a OwnedFd>,
     pub stdin: ChildIo,
@@ -122,6 +124,7 @@ pub enum ChildStep {
     Stdio,
     ProcessGroup,
     SignalMask,
+    Priority,
     Exec,
 }
 
@@ -136,6 +139,7 @@ impl fmt::Display for ChildStep {
             ChildStep::Stdio => "cannot connect its stdin/stdout/stderr",
             ChildStep::ProcessGroup => "cannot give it a process group",
             ChildStep::SignalMask => "cannot reset its signal mask",
+            ChildStep::Priority => "cannot lower its priority",
             ChildStep::Exec => "cannot run it",
         })
     }
@@ -152,6 +156,7 @@ impl ChildStep {
             ChildStep::Stdio,
             ChildStep::ProcessGroup,
             ChildStep::SignalMask,
+            ChildStep::Priority,
         ]
         .into_iter()
         .find(|s| *s as u32 == code)
@@ -315,6 +320,8 @@ struct Plan {
     cwd: CString,
     make_dirs: Vec<CString>,
     death_signal: c_int,
+    /// The agent's nice value, when it differs from walkie's.
+    nice: Option<c_int>,
     /// walkie's pid: the child checks that it is still its parent.
     parent: libc::pid_t,
     stdin: ChildIo,
@@ -378,6 +385,13 @@ impl Plan {
                 .map(|d| path_cstring(d, "a directory"))
                 .collect::<Result<_, _>>()?,
             death_signal: spec.death_signal as c_int,
+            nice: (spec.nice > 0).then(|| {
+                // SAFETY: getpriority has no memory arguments. It returns the calling
+                // thread's nice value (-1 is a valid answer: errno is not needed, as
+                // PRIO_PROCESS 0 cannot fail).
+                let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+                (own + c_int::from(spec.nice)).min(19)
+            }),
             parent: std::process::id() as libc::pid_t,
             stdin: spec.stdin,
             stdout: spec.stdout,
@@ -781,6 +795,12 @@ impl<'a> ChildSide<'a> {
                     close_range(3, libc::c_uint::MAX);
                 }
             }
+            // Raising one's own nice value needs no privilege.
+            if let Some(nice) = plan.nice {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                    self.fail(ChildStep::Priority, errno());
+                }
+            }
             if libc::setpgid(0, 0) != 0 {
                 self.fail(ChildStep::ProcessGroup, errno());
             }
@@ -891,6 +911,7 @@ mod tests {
             cwd: std::path::Path::new("/"),
             make_dirs: &[],
             death_signal: Signal::SIGTERM,
+            nice: 0,
             cgroup: None,
             stdin: ChildIo::Null,
             stdout: ChildIo::Pipe,
@@ -1007,6 +1028,28 @@ mod tests {
         }
         drop(stray);
         term.thread_unblock().unwrap();
+    }
+
+    /// The nice value in a `/proc/PID/stat` text (the 19th field).
+    fn nice_of(stat: &str) -> i32 {
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_agent_runs_nicer_than_walkie_by_what_is_asked() {
+        let own = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        let args = ["/proc/self/stat".to_string()];
+        for (nice, expected) in [(0, own), (5, (own + 5).min(19)), (40, 19)] {
+            let mut s = spec("/bin/cat", &args, &[]);
+            s.nice = nice;
+            for (way, started) in both_ways(&s) {
+                let child = started.unwrap();
+                let stat = read_all(child.stdout.unwrap());
+                assert_eq!(nice_of(&stat), expected, "{way} +{nice}: {stat}");
+                assert_eq!(exit_code(child.pid), 0, "{way}");
+            }
+        }
     }
 
     #[test]

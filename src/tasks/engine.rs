@@ -66,6 +66,10 @@ const READ_BUDGET: usize = 16 * 1024;
 /// flooding must not hold audio and the link for milliseconds. Pipes left with something
 /// to give wait their turn, oldest first, in the next iterations, which do not wait.
 const ITERATION_BUDGET: usize = 32 * 1024;
+/// How much nicer than walkie an agent runs (and all it starts): a build an agent runs
+/// takes the CPU walkie's loop leaves, never the other way round. The audio threads are
+/// SCHED_FIFO where allowed; the loop that moves speech to and from the link is not.
+const AGENT_NICE: u8 = 10;
 /// Finished tasks kept in the registry; older ones are pruned with their log directory.
 const KEEP_FINISHED: usize = 100;
 /// Longest stderr line kept for the rendered log.
@@ -2060,6 +2064,7 @@ impl TaskEngine {
             cwd: &cwd,
             make_dirs: &make_dirs,
             death_signal: Signal::SIGTERM,
+            nice: AGENT_NICE,
             cgroup: cgroup_fd.as_ref(),
             stdin: if kept_open {
                 ChildIo::Pipe
