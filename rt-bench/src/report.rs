@@ -324,6 +324,28 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// A plot's file name (without `.svg`) from its figure: lower-case letters, digits and
+/// single hyphens only (`tool-ack-start-task-spawn`, `loop-stall-n10`), so it needs no
+/// quoting in a shell or a URL.
+fn plot_name(id: &str, device: Option<&str>, variant: Option<&str>) -> String {
+    let mut name = String::new();
+    for part in [Some(id), device, variant].into_iter().flatten() {
+        for c in part.chars() {
+            if c.is_ascii_alphanumeric() {
+                name.push(c.to_ascii_lowercase());
+            } else if c == '=' {
+                // N=10 reads n10.
+            } else if !name.is_empty() && !name.ends_with('-') {
+                name.push('-');
+            }
+        }
+        if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    name.trim_end_matches('-').to_string()
+}
+
 /// Percentile curves of walkie and the peer for each latency figure, one SVG each, and
 /// the cost-versus-agents curve.
 pub fn plots(figures: &[Figure], dir: &Path) -> Result<Vec<String>, String> {
@@ -333,15 +355,7 @@ pub fn plots(figures: &[Figure], dir: &Path) -> Result<Vec<String>, String> {
         if r.unit != "ms" {
             continue;
         }
-        let mut name = r.id.to_string();
-        if let Some(d) = r.device {
-            name.push('-');
-            name.push_str(d);
-        }
-        if let Some(v) = &r.variant {
-            name.push('-');
-            name.push_str(&v.replace(['=', ' '], "").replace('/', "-"));
-        }
+        let name = plot_name(r.id, r.device, r.variant.as_deref());
         let file = dir.join(format!("{name}.svg"));
         let mut title = r.title.to_string();
         if let Some(d) = r.device {
@@ -508,4 +522,26 @@ fn agents_plot(file: &Path, figures: &[Figure]) -> Result<(), Box<dyn std::error
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plot_names_are_plain() {
+        assert_eq!(
+            plot_name("tool_ack", None, Some("start_task (spawn)")),
+            "tool-ack-start-task-spawn"
+        );
+        assert_eq!(
+            plot_name("tool_ack", None, Some("start_task under 10-agent flood")),
+            "tool-ack-start-task-under-10-agent-flood"
+        );
+        assert_eq!(
+            plot_name("mic_wire_load", Some("file"), Some("N=10")),
+            "mic-wire-load-file-n10"
+        );
+        assert_eq!(plot_name("ready", None, None), "ready");
+    }
 }
