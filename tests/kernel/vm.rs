@@ -249,10 +249,18 @@ fn boot() -> Result<GuestRun, String> {
     std::fs::write(share.join("run"), script).map_err(|e| e.to_string())?;
 
     let started = Instant::now();
+    // A checkout or target directory under /tmp is hidden by the guest's own /tmp unless
+    // it is named.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap_or(repo)
+        .to_path_buf();
     let booted = Command::new(repo.join("tools/vm/boot.sh"))
         .arg(&guest)
         .arg(&share)
         .arg(BOOT_LIMIT_S.to_string())
+        .arg(repo)
+        .arg(&target)
         .output()
         .map_err(|e| format!("cannot run tools/vm/boot.sh: {e}"))?;
     let seconds = started.elapsed().as_secs_f64();
@@ -263,7 +271,9 @@ fn boot() -> Result<GuestRun, String> {
         Some(124) => Some(format!(
             "the guest ran out of time ({BOOT_LIMIT_S} s): {stderr}"
         )),
-        Some(127) => return Err(stderr),
+        // boot.sh's own 127 (no qemu) says why; the guest script's 127 is a command it
+        // could not find, and its output says which.
+        Some(127) if !stderr.is_empty() => return Err(stderr),
         code => Some(format!("the guest's run ended with {code:?}: {stderr}")),
     };
     let read_all = |prefix: &str, ext: &str| -> String {
