@@ -35,7 +35,7 @@ impl Pulse {
             .map_err(|e| e.to_string())?;
         let socket = dir.path().join("native");
         let log = std::fs::File::create(dir.path().join("pulse.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("pulseaudio")
+        let child = crate::subject::dies_with_the_bench(&mut Command::new("pulseaudio"))
             .args([
                 "-n",
                 "--daemonize=no",

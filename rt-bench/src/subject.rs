@@ -189,6 +189,7 @@ cancel_grace_ms = 3000
             }
         };
         let log = File::create(p("subject.log")).map_err(|e| e.to_string())?;
+        dies_with_the_bench(&mut cmd);
         cmd.env_clear()
             .envs(env)
             .current_dir(dir.path())
@@ -419,4 +420,72 @@ fn read_probe(path: &Path) -> Probe {
 pub fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// The child gets SIGTERM when rt-bench dies, however it dies (a SIGKILL, a timeout, a
+/// panic that skips the clean-up): a bench cut short must not leave a daemon, a peer or a
+/// sound server running. Children are spawned from the main thread, whose end is the
+/// process's.
+pub fn dies_with_the_bench(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_started_so_dies_with_its_parent() {
+        // The kernel's "parent" is the thread that forked: one that ends stands in for a
+        // bench that was killed.
+        let pid = std::thread::spawn(|| {
+            let child = dies_with_the_bench(&mut Command::new("sleep"))
+                .arg("30")
+                .spawn()
+                .expect("sleep");
+            let pid = child.id() as i32;
+            // Reaped below by pid, once it died.
+            std::mem::forget(child);
+            pid
+        })
+        .join()
+        .unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let mut status = None;
+        while status.is_none() && std::time::Instant::now() < end {
+            // Reaped here: the child is still this process's.
+            match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(s) => status = Some(s),
+                Err(e) => panic!("waitpid: {e}"),
+            }
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        assert_eq!(
+            status,
+            Some(nix::sys::wait::WaitStatus::Signaled(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+                false
+            )),
+            "the child outlived its parent"
+        );
+    }
 }
