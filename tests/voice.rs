@@ -540,6 +540,67 @@ fn a_capture_device_that_fails_leaves_everything_else_working() {
 }
 
 #[test]
+fn an_answer_arriving_slower_than_it_plays_is_counted_as_speech_gaps_not_xruns() {
+    // At 0.7 of real time each 100 ms of the answer comes about 143 ms after the last: the
+    // speaker runs dry for ~43 ms between them (less than it waits before it goes quiet).
+    // Twenty times faster, everything is there before it is needed.
+    for (speed, slow) in [("0.7", true), ("20", false)] {
+        let mut w = Walkie::new();
+        let dir = w.dir.path().to_path_buf();
+        write_wav(&dir.join("reply.wav"), &speech(24_000));
+        std::fs::write(
+            dir.join("script.json"),
+            json!({"default": {"say": "ok", "wav": "reply.wav"}}).to_string(),
+        )
+        .unwrap();
+        let fake = FakeRealtime::start(
+            &dir,
+            &[
+                "--script",
+                dir.join("script.json").to_str().unwrap(),
+                "--speed",
+                speed,
+            ],
+        );
+        w.write_config(&w.realtime_config(&fake, "", "").replace(
+            "[audio]\nbackend = \"none\"\n",
+            &format!(
+                "[audio]\nbackend = \"wav\"\noutput_wav = \"{}\"\nearcons = false\n",
+                dir.join("out.wav").display()
+            ),
+        ));
+        w.start();
+        w.wait_connected();
+        w.ctl(&["say", "hello"]);
+        let mut st = Value::Null;
+        assert!(
+            wait_until(T, || {
+                st = w.ctl_json(&["status"]);
+                st["conversation"]["playing"] == true
+            }),
+            "the answer never played: {st}"
+        );
+        // `playing` also drops between late pieces: the end is the response done and the
+        // speaker quiet after it.
+        assert!(
+            wait_until(T, || {
+                st = w.ctl_json(&["status"]);
+                st["conversation"]["active_response"].is_null()
+                    && st["conversation"]["playing"] == false
+            }),
+            "the answer never ended: {st}"
+        );
+        let gaps = st["audio"]["speech_gaps"].as_u64().expect("speech_gaps");
+        if slow {
+            assert!(gaps >= 3, "speed {speed}: {gaps} gap(s): {st}");
+        } else {
+            assert_eq!(gaps, 0, "speed {speed}: {st}");
+        }
+        assert_eq!(st["audio"]["xruns"], 0, "speed {speed}: {st}");
+    }
+}
+
+#[test]
 fn the_wav_backend_runs_the_voice_loop() {
     let mut w = Walkie::new();
     let dir = w.dir.path().to_path_buf();

@@ -131,6 +131,9 @@ pub struct AudioStatus {
     pub rt: bool,
     /// Overruns plus underruns recovered from since start.
     pub xruns: u64,
+    /// Times the speaker ran out of speech mid-answer and filled the wait with silence
+    /// (the answer arrived slower than it plays); not a device fault.
+    pub speech_gaps: u64,
 }
 
 /// Something the main loop should log (the audio threads never log themselves).
@@ -483,6 +486,7 @@ impl Audio {
                     playback: disabled,
                     rt: false,
                     xruns: 0,
+                    speech_gaps: 0,
                 };
             }
             Inner::Running(e) => e,
@@ -514,6 +518,7 @@ impl Audio {
             rt: s.capture.realtime.load(Ordering::Relaxed)
                 && s.playback.realtime.load(Ordering::Relaxed),
             xruns: capture.xruns + playback.xruns,
+            speech_gaps: s.speech_gaps.load(Ordering::Relaxed),
             capture,
             playback,
         }

@@ -78,6 +78,11 @@ pub struct PlaybackWorker {
     seen_epoch: u64,
     /// A span the ring had no room for; merged with the next one.
     pending_span: Option<AudibleSpan>,
+    /// Speech ran out in the middle of a period: if more comes before the speaker goes
+    /// quiet, the silence between was a gap (`Shared::speech_gaps`).
+    ran_dry: bool,
+    /// The latest period was all speech.
+    full_of_speech: bool,
     /// Woken when the speaker is about to sound, so it stops batching its reads at once.
     capture_thread: Option<Thread>,
 }
@@ -104,6 +109,8 @@ impl PlaybackWorker {
             discard_upto: 0,
             seen_epoch: 0,
             pending_span: None,
+            ran_dry: false,
+            full_of_speech: false,
             capture_thread,
         }
     }
@@ -215,6 +222,9 @@ impl PlaybackWorker {
                 #[cfg(feature = "probe")]
                 crate::probe::FLUSH.record(epoch, 0);
                 pacer.restart(now);
+                // Cut off on purpose: what comes next is another answer.
+                self.ran_dry = false;
+                self.full_of_speech = false;
             }
             self.discard();
             let requests = shared.earcon_requests.swap(0, Ordering::Acquire);
@@ -224,6 +234,9 @@ impl PlaybackWorker {
                 }
             }
             if pending.is_empty() && silent_tail >= played_out && self.nothing_to_play() {
+                // The answer ended (its last period ran short): no gap.
+                self.ran_dry = false;
+                self.full_of_speech = false;
                 if let Some(exit) = self.park(dev, until, clocked) {
                     return exit;
                 }
@@ -408,6 +421,14 @@ impl PlaybackWorker {
         if self.consumed >= self.discard_upto {
             let n = buf.len().min(self.ring.slots());
             sound = n > 0;
+            if n > 0 && self.ran_dry {
+                self.ran_dry = false;
+                self.ctx.shared.speech_gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            if n < buf.len() && (n > 0 || self.full_of_speech) {
+                self.ran_dry = true;
+            }
+            self.full_of_speech = n == buf.len();
             if let Ok(chunk) = self.ring.read_chunk(n) {
                 let (a, b) = chunk.as_slices();
                 buf[..a.len()].copy_from_slice(a);

@@ -76,6 +76,10 @@ pub struct Shared {
     pub capture_dropped: AtomicU64,
     /// Speech samples taken from the playback ring: written to the device or discarded.
     pub consumed: AtomicU64,
+    /// Times the speaker ran out of speech and more of it came after (the answer arrived
+    /// slower than it plays: the network, the server, or a stalled main loop). Silence
+    /// filled each gap; the device did not underrun.
+    pub speech_gaps: AtomicU64,
     /// Bumped by every flush; the playback thread drops speech up to `flush_upto`.
     pub flush_epoch: AtomicU64,
     /// Samples pushed into the playback ring when the latest flush happened.
@@ -104,6 +108,7 @@ impl Shared {
             capture_stamp: Stamp::default(),
             capture_dropped: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            speech_gaps: AtomicU64::new(0),
             flush_epoch: AtomicU64::new(0),
             flush_upto: AtomicU64::new(0),
             earcon_requests: AtomicU32::new(0),
