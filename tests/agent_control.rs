@@ -767,7 +767,7 @@ fn activity_is_reported_for_bash_write_and_waiting() {
     w.start_task(&[
         "--name",
         "flaky",
-        "fix @bash=cargo_test @write=src/parser.rs @ask=npm_test @tool-ms=1500",
+        "fix @bash=cargo_test @write=src/parser.rs @ask=npm_test @tool-ms=3000",
     ]);
     let mut seen: Vec<String> = Vec::new();
     assert!(wait_until(T, || {
