@@ -35,7 +35,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use regex::{Captures, Regex};
@@ -48,11 +48,54 @@ type Decide = fn(&Captures, &str) -> Option<Range<usize>>;
 
 /// One rule.
 struct Detector {
-    regex: Regex,
+    regex: Pattern,
     /// Literals of which at least one occurs (in any case) in every match; the detector runs
     /// only when the trigger scan saw one. Empty: it always runs.
     triggers: &'static [&'static str],
     decide: Decide,
+}
+
+/// A detector's regex, compiled at start ([`warm_up`]) or on the first text that wakes it.
+///
+/// The generic rules wake on common words (key, token, `://`) and are compiled at start, off
+/// the loop. A key shape wakes only on its own prefix, which most texts never hold: compiling
+/// one is small work (tens of µs in a release build) but keeping all of them compiled costs
+/// about a megabyte (each compiled regex holds its NFAs, prefilter and per-thread caches), so
+/// each is compiled the first time its trigger word occurs and kept from then on.
+struct Pattern {
+    source: Cow<'static, str>,
+    eager: bool,
+    compiled: OnceLock<Regex>,
+}
+
+impl Pattern {
+    fn get(&self) -> &Regex {
+        self.compiled.get_or_init(|| compile(&self.source))
+    }
+}
+
+/// Compiled by [`warm_up`].
+fn eager(source: impl Into<Cow<'static, str>>) -> Pattern {
+    Pattern {
+        source: source.into(),
+        eager: true,
+        compiled: OnceLock::new(),
+    }
+}
+
+/// Compiled on first use.
+fn lazy(source: &'static str) -> Pattern {
+    Pattern {
+        source: Cow::Borrowed(source),
+        eager: false,
+        compiled: OnceLock::new(),
+    }
+}
+
+fn compile_eager(detectors: &[Detector]) {
+    for detector in detectors.iter().filter(|d| d.regex.eager) {
+        detector.regex.get();
+    }
 }
 
 /// The patterns are literals checked by the tests; failing to compile one is a bug.
@@ -343,11 +386,13 @@ const SECRET_NAME_TRIGGERS: &[&str] = &[
 const QUOTED_VALUE: &str = r#""(?:[^"\\\n]|\\.)*"|'[^'\n]*'"#;
 
 /// Every rule, in no particular order: spans found by several are merged.
-static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
+static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(detectors);
+
+fn detectors() -> Vec<Detector> {
     let mut all = vec![
         // PEM private key blocks, including one cut off before its END line.
         Detector {
-            regex: compile(
+            regex: eager(
                 r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)",
             ),
             triggers: &["private key"],
@@ -356,13 +401,13 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // `scheme://user:password@host`; the user may be empty (`redis://:pw@host`). The
         // password runs to the last '@' before the path, so an '@' in it leaks nothing.
         Detector {
-            regex: compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#\[\]]*:([^\s/?#]+)@"),
+            regex: eager(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#\[\]]*:([^\s/?#]+)@"),
             triggers: &["://"],
             decide: group,
         },
         // `curl -u user:password` / `--user user:password` (in the same command).
         Detector {
-            regex: compile(
+            regex: eager(
                 r#"\bcurl\b[^\n|;&]*?\s(?:-u|--user)(?:[ \t]+|=)["']?[^\s:"']+:([^\s"']+)"#,
             ),
             triggers: &["curl"],
@@ -370,7 +415,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         },
         // `Authorization: Bearer …` headers (also JSON and `=` forms); the scheme word stays.
         Detector {
-            regex: compile(
+            regex: eager(
                 r#"(?i)\b(?:proxy-)?authorization["']?[ \t]*[:=][ \t]*["']?(?:(?:bearer|basic|token|digest|negotiate|bot)[ \t]+)?([^\s"',;]+)"#,
             ),
             triggers: &["authorization"],
@@ -379,7 +424,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // A bare `Bearer <token>`: "the bearer of bad news" is prose; a token is long and
         // has a digit somewhere.
         Detector {
-            regex: compile(r"(?i)\bbearer[ \t]+([A-Za-z0-9\-._~+/]+=*)"),
+            regex: eager(r"(?i)\bbearer[ \t]+([A-Za-z0-9\-._~+/]+=*)"),
             triggers: &["bearer"],
             decide: |caps, _| {
                 let m = caps.get(1)?;
@@ -390,7 +435,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // `NAME=value`, `export NAME="value"`, `name = "value"` (TOML, Python): a shell-style
         // value ends at whitespace.
         Detector {
-            regex: compile(&format!(
+            regex: eager(format!(
                 r#"{SECRET_NAME}(?P<sep>["']?[ \t]*=[ \t]*)(?P<value>{QUOTED_VALUE}|[^\s"'`,;}}\]]+)"#
             )),
             triggers: SECRET_NAME_TRIGGERS,
@@ -399,7 +444,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // `NAME: value` (YAML, prose, JSON `"name": "value"`): an unquoted value may hold
         // spaces and runs to the end of the line or the next `,` `;` `}`.
         Detector {
-            regex: compile(&format!(
+            regex: eager(format!(
                 r#"{SECRET_NAME}(?P<sep>["']?[ \t]*:[ \t]*)(?P<value>{QUOTED_VALUE}|[^\s"'`,;}}\]]+(?:[ \t]+[^\s"'`,;}}\]]+)*)"#
             )),
             triggers: SECRET_NAME_TRIGGERS,
@@ -408,7 +453,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // A long random-looking token after a word like key, secret, token or password
         // ("the token is 3f9a…", `api-key: 0123abcd…`, `X-Signature 9f…`).
         Detector {
-            regex: compile(
+            regex: eager(
                 r#"(?i)(?:key|secret|token|passw(?:or)?d|pwd|credential|creds|signature)[A-Za-z0-9_.\-]{0,30}["'`\]]{0,2}(?:[ \t]*(?::=|=>|->|[:=])[ \t]*|[ \t]+(?:(?:is|was|of|for|as)[ \t]+)?)["'`]?([A-Za-z0-9+/_\-~]{16,}={0,3})"#,
             ),
             triggers: &[
@@ -429,7 +474,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         // A bare 40-character AWS secret access key when an access key id is near it (or its
         // beginning, cut off at a line end).
         Detector {
-            regex: compile(
+            regex: eager(
                 // Leftmost-first and greedy: every match is a whole run of these characters.
                 r"([A-Za-z0-9+/]{12,})",
             ),
@@ -438,7 +483,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         },
         // A known key's beginning cut off at an edge: a line end, the end of the text, "…".
         Detector {
-            regex: compile(&format!(
+            regex: eager(format!(
                 r"(?m)\b((?:{})[A-Za-z0-9_\-]*)(?:…|\r?$)",
                 KEY_PREFIXES
                     .iter()
@@ -454,13 +499,13 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         KEY_SHAPES
             .iter()
             .map(|&(pattern, triggers, random)| Detector {
-                regex: compile(pattern),
+                regex: lazy(pattern),
                 triggers,
                 decide: if random { random_group } else { group },
             }),
     );
     all
-});
+}
 
 /// The trigger scan: every trigger word of every detector, matched case-insensitively and
 /// overlapping, and for each word the detectors it wakes.
@@ -787,7 +832,7 @@ fn scan(text: &str, found: &mut Vec<Found>) {
 fn scan_direct(text: &str, out: &mut dyn FnMut(Range<usize>)) {
     let on = woken(text);
     for (detector, _) in DETECTORS.iter().zip(&on).filter(|(_, on)| **on) {
-        for caps in detector.regex.captures_iter(text) {
+        for caps in detector.regex.get().captures_iter(text) {
             if let Some(range) = (detector.decide)(&caps, text) {
                 if !range.is_empty() {
                     out(range);
@@ -977,9 +1022,11 @@ fn pieces_of<'t>(text: &'t str, found: &[Found]) -> impl Iterator<Item = &'t str
         .map(|f| &text[f.range.clone()])
 }
 
-/// Compiles every pattern now. The daemon calls this at start so the first tool call or
-/// summary on the loop does not pay for regex compilation (tens of ms in a debug build).
+/// Compiles the patterns used at once now (the key shapes are left to their first use, see
+/// [`Pattern`]). The daemon calls this at start so the first tool call or summary on the loop
+/// does not pay for regex compilation (tens of ms in a debug build).
 pub fn warm_up() {
+    compile_eager(&DETECTORS);
     let _ = speech_summary(
         "warm up: Bearer abc sk-proj-0123456789abcdefghij https://u:p@h DB_PASSWORD=x \
          key: 0123456789abcdefABCDEF\nsk-ant-0123\n456789",
@@ -1512,6 +1559,20 @@ fn cut_tail(text: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn key_shapes_compile_on_first_use_and_the_rest_at_warm_up() {
+        let list = super::detectors();
+        super::compile_eager(&list);
+        let (eager, lazy): (Vec<_>, Vec<_>) = list.iter().partition(|d| d.regex.eager);
+        assert_eq!(lazy.len(), super::KEY_SHAPES.len());
+        assert!(eager.iter().all(|d| d.regex.compiled.get().is_some()));
+        assert!(lazy.iter().all(|d| d.regex.compiled.get().is_none()));
+        // Every pattern compiles (a lazy one would otherwise fail only when its key shows up).
+        for d in &lazy {
+            assert!(!d.regex.get().as_str().is_empty());
+        }
+    }
+
     use super::*;
 
     /// `secret` is gone and `kept` pieces are still there.
