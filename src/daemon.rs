@@ -170,14 +170,9 @@ impl Daemon {
             }
         };
         // Off the loop's start-up path: ready stays fast, the first tool call stays fast.
-        // Compiling the patterns leaves free holes in this thread's malloc arena; give the
-        // whole pages among them back to the system once done (RSS at rest).
         let _ = std::thread::Builder::new()
             .name("walkie-warm-up".into())
-            .spawn(|| {
-                crate::tasks::redact::warm_up();
-                crate::sys::sched::release_free_heap();
-            });
+            .spawn(crate::tasks::redact::warm_up);
         let reactor = Reactor::new().map_err(|e| fail("cannot create the poll loop", &e))?;
         let containment = Containment::setup(&containment_request(&config, &paths));
         log::info!("containment: {}", containment.describe());

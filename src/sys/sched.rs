@@ -119,17 +119,6 @@ pub fn lock_memory() -> Result<(), LockMemoryError> {
     }
 }
 
-/// Gives the whole free pages inside malloc's arenas back to the system (glibc's
-/// `malloc_trim`): after a burst of short-lived allocations (compiling the redaction
-/// patterns at start) they would otherwise stay resident. Nothing on other C libraries.
-pub fn release_free_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim takes a size and only releases memory malloc holds as free.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// While alive, marks the current thread as real-time for the allocation guard.
 /// Dropping it restores the previous mode (sections nest).
 #[must_use = "the section ends when this value is dropped"]
