@@ -400,16 +400,7 @@ impl TaskEngine {
         };
         let mut changed = false;
         for r in records.iter_mut().filter(|r| r.state.is_running()) {
-            let root = match (r.pid, r.pid_start_time) {
-                (Some(pid), Some(start)) if proc::is_same_process(pid, start) => {
-                    log::warn!(
-                        "task {}: agent pid {pid} outlived walkie; stopping it",
-                        r.name
-                    );
-                    Some((pid, start))
-                }
-                _ => None,
-            };
+            let root = surviving_agent(r, "agent");
             log::warn!(
                 "task {} was running when walkie stopped: marked interrupted",
                 r.name
@@ -420,13 +411,7 @@ impl TaskEngine {
             r.pid_start_time = None;
             r.error = Some("walkie stopped while it ran".into());
             r.summary = Some("walkie stopped while it ran".into());
-            let scope = Scope {
-                task_id: r.id.clone(),
-                root,
-                cgroup: engine.cgroup_scope(&r.id),
-                scan: true,
-            };
-            engine.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
+            engine.stop_leftover(now, r, root);
             changed = true;
         }
         // Agents that waited, warm, for a follow-up when walkie stopped: their tasks had
@@ -435,26 +420,11 @@ impl TaskEngine {
             .iter_mut()
             .filter(|r| !r.state.is_running() && (r.pid.is_some() || r.warm))
         {
-            let root = match (r.pid, r.pid_start_time) {
-                (Some(pid), Some(start)) if proc::is_same_process(pid, start) => {
-                    log::warn!(
-                        "task {}: its warm agent pid {pid} outlived walkie; stopping it",
-                        r.name
-                    );
-                    Some((pid, start))
-                }
-                _ => None,
-            };
+            let root = surviving_agent(r, "warm agent");
             r.pid = None;
             r.pid_start_time = None;
             r.warm = false;
-            let scope = Scope {
-                task_id: r.id.clone(),
-                root,
-                cgroup: engine.cgroup_scope(&r.id),
-                scan: true,
-            };
-            engine.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
+            engine.stop_leftover(now, r, root);
             changed = true;
         }
         // Task cgroups no record explains (a state file lost or moved aside).
@@ -1484,6 +1454,18 @@ impl TaskEngine {
         }
     }
 
+    /// Stops what is left of a recorded task's processes from before this start: its
+    /// surviving agent (`root`), its cgroup, and whatever carries its marker.
+    fn stop_leftover(&mut self, now: Instant, r: &TaskRecord, root: Option<(i32, u64)>) {
+        let scope = Scope {
+            task_id: r.id.clone(),
+            root,
+            cgroup: self.cgroup_scope(&r.id),
+            scan: true,
+        };
+        self.add_leftover(now, r.name.clone(), scope, root.map(|(p, _)| p));
+    }
+
     fn add_leftover(&mut self, now: Instant, name: String, scope: Scope, root: Option<i32>) {
         let key = self.next_key;
         self.next_key += 1;
@@ -2275,6 +2257,21 @@ fn emit_output(
             name: live.name.clone(),
             text: live.redactor.redact_piece(rendered),
         });
+    }
+}
+
+/// The pid and start time of a task's agent that outlived the walkie that started it (the
+/// pid still names that same process), logged; `what` names it ("agent", "warm agent").
+fn surviving_agent(r: &TaskRecord, what: &str) -> Option<(i32, u64)> {
+    match (r.pid, r.pid_start_time) {
+        (Some(pid), Some(start)) if proc::is_same_process(pid, start) => {
+            log::warn!(
+                "task {}: its {what} pid {pid} outlived walkie; stopping it",
+                r.name
+            );
+            Some((pid, start))
+        }
+        _ => None,
     }
 }
 
