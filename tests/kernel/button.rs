@@ -206,11 +206,10 @@ kernel_test! {
         talk(&g, &second, 400);
         g.wait_count("input_audio_buffer.commit", 1);
         let st = g.wait_status("the second switch", |st| reads(st, &second.node));
+        let last_pressed =
+            "auto: KEY_F13 was last pressed on it (of 2 devices that are not full keyboards with the key)";
         assert!(
-            st["button"]["chosen"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("auto: KEY_F13 was last pressed on it"),
+            st["button"]["chosen"].as_str().unwrap_or("").starts_with(last_pressed),
             "{st}"
         );
         // The grab moved with the button.
@@ -221,6 +220,24 @@ kernel_test! {
         let one = Reader::open(&first.node);
         assert_eq!(one.grab(true), Ok(()), "the first switch is no longer grabbed");
         drop(one);
+
+        // A keyboard plugged in makes walkie choose again: the press is remembered, so the
+        // button stays where the key was last pressed rather than going back to the switch
+        // that would win on its own (the lower event number).
+        let mut keys = LETTERS.to_vec();
+        keys.push(KEY_F13);
+        let keyboard = VirtualDevice::create("walkie plugged keyboard", &keys, false);
+        let keyboard_node = keyboard.node.display().to_string();
+        let st = g.wait_status("the choice made again with the keyboard", |st| {
+            st["button"]["chosen"]
+                .as_str()
+                .is_some_and(|c| c.contains(&keyboard_node))
+        });
+        assert!(reads(&st, &second.node), "the button left the switch last pressed: {st}");
+        assert!(
+            st["button"]["chosen"].as_str().unwrap_or("").starts_with(last_pressed),
+            "{st}"
+        );
 
         talk(&g, &first, 400);
         g.wait_count("input_audio_buffer.commit", 2);
