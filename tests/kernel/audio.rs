@@ -320,13 +320,18 @@ kernel_test! {
     }
 }
 
+/// The answer played whole: 5 s, a second more than walkie's playback ring holds.
+const WHOLE_ANSWER: usize = 5 * 24_000;
+
 kernel_test! {
     fn speech_played_into_the_card_is_recorded_whole() {
         let speaker = Stream::record(SPEAKER_IN, 24_000);
-        // The whole answer arrives at once, so a gap in it can only be walkie's.
+        // The whole answer arrives at once, so a gap in it can only be walkie's. It is
+        // longer than walkie's 4 s playback ring: its last second waits in the overflow
+        // queue, as a long answer from the real model does.
         let g = Guest::start(Setup {
             audio: Some(&alsa(MIC_IN, SPEAKER_OUT, 20)),
-            reply_frames: 24_000,
+            reply_frames: WHOLE_ANSWER,
             fake_args: &["--speed", "50"],
             ..Setup::default()
         });
@@ -337,7 +342,7 @@ kernel_test! {
         hold(300);
         let allowed = xruns(&g, PLAYBACK) + speaker.xruns() - before;
         let recorded = speaker.samples();
-        let reply = speech(24_000);
+        let reply = speech(WHOLE_ANSWER);
         let at = find(&recorded, &reply[..2400]).expect("the answer reached the card");
         let got = follow(&recorded, at, &reply);
         assert_eq!(got.matched, reply.len(), "the whole answer reached the card, in order");
