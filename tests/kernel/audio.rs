@@ -339,7 +339,7 @@ kernel_test! {
         g.say("hello");
         g.wait_status("the answer playing", |st| st["conversation"]["playing"] == true);
         g.wait_status("the answer played", |st| st["conversation"]["playing"] == false);
-        hold(300);
+        speaker.wait_recorded(Instant::now(), 300);
         let allowed = xruns(&g, PLAYBACK) + speaker.xruns() - before;
         let recorded = speaker.samples();
         let reply = speech(WHOLE_ANSWER);
@@ -481,7 +481,7 @@ kernel_test! {
             hold(40);
             key.key(KEY_F14, 0);
             g.wait_count("conversation.item.truncate", round);
-            hold(300);
+            speaker.wait_recorded(Instant::now(), 300);
             let recorded = speaker.samples();
             let Some(start) = find(&recorded[from..], &reply[..2400]).map(|k| from + k) else {
                 continue;
@@ -528,7 +528,7 @@ kernel_test! {
             g.wait_count("input_audio_buffer.commit", 1);
             g.wait_status("the answer playing", |st| st["conversation"]["playing"] == true);
             g.wait_status("the answer played", |st| st["conversation"]["playing"] == false);
-            hold(300);
+            speaker.wait_recorded(Instant::now(), 300);
             let allowed = [
                 xruns(&g, CAPTURE) + mic.xruns() - before[0],
                 xruns(&g, PLAYBACK) + speaker.xruns() - before[1],

@@ -125,6 +125,19 @@ impl Stream {
         })
     }
 
+    /// Waits until the recording holds what passed through the card up to `ms` after `at`.
+    /// The recorder is not real-time: on a starved guest it reads late, and a fixed sleep
+    /// would judge a recording that lacks the end of what was played.
+    pub fn wait_recorded(&self, at: Instant, ms: u64) {
+        let until = self.frame_at(at).expect("the stream has a timeline")
+            + ms * u64::from(self.rate) / 1000;
+        assert!(
+            crate::guest::poll(crate::guest::T, || self.frames() >= until),
+            "the recording stopped at frame {} short of {until}",
+            self.frames()
+        );
+    }
+
     /// The frame passing through the card at `at`.
     pub fn frame_at(&self, at: Instant) -> Option<u64> {
         let timeline = self.shared.timeline.lock().unwrap();
