@@ -14,7 +14,7 @@ macro_rules! kernel_test {
         $(#[$meta])*
         #[test]
         fn $name() {
-            $crate::vm::run(stringify!($name), || $body)
+            $crate::vm::run(module_path!(), stringify!($name), || $body)
         }
     };
 }
