@@ -8,7 +8,7 @@
 # walkie's test suite relies on what `default` is; the bench names its PCMs explicitly.
 set -eu
 cd "$(dirname "$0")/.."
-PKGS="pulseaudio libasound2-plugins libasound2-dev python3-venv gcc"
+PKGS="pulseaudio pulseaudio-utils libasound2-plugins libasound2-dev python3-venv gcc"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

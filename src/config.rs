@@ -76,6 +76,8 @@ impl Default for RealtimeConfig {
 #[serde(rename_all = "lowercase")]
 pub enum AudioBackend {
     Alsa,
+    /// The microphone from a PulseAudio (or PipeWire pulse) server; playback on ALSA.
+    Pulse,
     Wav,
     None,
 }
@@ -527,9 +529,11 @@ ca_file = ""
 ping_interval_ms = 15000
 
 [audio]
-# alsa (sound card), wav (files, for tests) or none.
+# alsa (sound card), pulse (microphone from a PulseAudio/PipeWire server, speaker on ALSA),
+# wav (files, for tests) or none.
 backend = "alsa"
 # ALSA capture PCM (arecord -L lists them); the plug layer converts rate and format.
+# With backend "pulse": a PulseAudio source (pactl list short sources); "default" is the server's.
 capture_device = "default"
 # ALSA playback PCM (aplay -L lists them).
 playback_device = "default"
@@ -864,16 +868,23 @@ impl Config {
         }
 
         let audio = &self.audio;
-        if audio.backend == AudioBackend::Alsa {
+        if matches!(audio.backend, AudioBackend::Alsa | AudioBackend::Pulse) {
             for (key, value) in [
                 ("capture_device", &audio.capture_device),
                 ("playback_device", &audio.playback_device),
             ] {
-                if value.trim().is_empty() {
+                // With "pulse", an empty capture_device is the server's default source.
+                let alsa = audio.backend == AudioBackend::Alsa || key == "playback_device";
+                if alsa && value.trim().is_empty() {
                     flaw(
                         &[&format!("audio.{key}")],
                         format!(
-                            "audio.{key}: must name an ALSA device with backend \"alsa\" (e.g. \"default\")"
+                            "audio.{key}: must name an ALSA device with backend \"{}\" (e.g. \"default\")",
+                            if audio.backend == AudioBackend::Alsa {
+                                "alsa"
+                            } else {
+                                "pulse"
+                            }
                         ),
                     );
                 }
@@ -1532,13 +1543,13 @@ mod tests {
 
     #[test]
     fn every_error_in_the_file_is_reported_in_line_order() {
-        let text = "[realtime]\nvoice = \"nobody\"\n[audio]\nbackend = \"pulse\"\nperiod_ms = 0\n\
+        let text = "[realtime]\nvoice = \"nobody\"\n[audio]\nbackend = \"jack\"\nperiod_ms = 0\n\
                     colour = 1\n[button]\nmode = \"sideways\"\nkey = \"KEY_NOPE\"\n[agent]\nmax_running = \"3\"\n";
         let message = error(text);
         let lines: Vec<&str> = message.lines().collect();
         let expected = [
             (2, "realtime.voice: must be one of"),
-            (4, "audio.backend: unknown value \"pulse\""),
+            (4, "audio.backend: unknown value \"jack\""),
             (5, "audio.period_ms: must be between 2 and 100"),
             (6, "unknown key \"colour\" in [audio]"),
             (8, "button.mode: unknown value \"sideways\""),
@@ -1709,7 +1720,7 @@ mod tests {
 
     #[test]
     fn enum_values_name_the_key_and_the_choices() {
-        let message = error("[audio]\n\nbackend = \"pulse\"\n");
+        let message = error("[audio]\n\nbackend = \"jack\"\n");
         assert!(
             message.starts_with(&format!("{FILE}:3: audio.backend: ")),
             "{message}"
@@ -1938,6 +1949,14 @@ mod tests {
         );
         // Device names only matter to the ALSA backend.
         assert!(parse("[audio]\nbackend = \"wav\"\ncapture_device = \"\"\n").is_ok());
+        // "pulse" records from the server's default source when none is named; its
+        // speaker is still an ALSA PCM.
+        assert!(parse("[audio]\nbackend = \"pulse\"\ncapture_device = \"\"\n").is_ok());
+        assert_error(
+            "[audio]\nbackend = \"pulse\"\nplayback_device = \" \"\n",
+            3,
+            "audio.playback_device: must name an ALSA device with backend \"pulse\"",
+        );
     }
 
     #[test]

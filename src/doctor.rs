@@ -644,7 +644,10 @@ fn check_audio(config: &Config) -> Vec<Check> {
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             checks.push(if out_dir.is_dir() {
-                Check::pass("audio output", format!("wav backend: {:?}", audio.output_wav))
+                Check::pass(
+                    "audio output",
+                    format!("wav backend: {:?}", audio.output_wav),
+                )
             } else {
                 Check::fail(
                     "audio output",
@@ -654,29 +657,64 @@ fn check_audio(config: &Config) -> Vec<Check> {
             });
             checks
         }
-        AudioBackend::Alsa => [
-            ("capture", "audio capture", &audio.capture_device, "capture_device"),
-            ("playback", "audio playback", &audio.playback_device, "playback_device"),
-        ]
-        .into_iter()
-        .map(|(dir, what, device, key)| {
-            match crate::audio::probe_pcm(device, dir == "capture", audio.period_ms) {
-                Ok(()) => Check::pass(what, format!("ALSA \"{device}\" opens at 24 kHz mono")),
-                Err(e) if e.contains("busy") => Check::warn(
-                    what,
-                    e,
-                    "another program (or a running walkie) holds the device; stop it to check",
+        AudioBackend::Alsa => vec![
+            check_pcm(
+                "capture",
+                &audio.capture_device,
+                "capture_device",
+                audio.period_ms,
+            ),
+            check_pcm(
+                "playback",
+                &audio.playback_device,
+                "playback_device",
+                audio.period_ms,
+            ),
+        ],
+        AudioBackend::Pulse => vec![
+            match crate::audio::probe_pulse_source(&audio.capture_device, audio.period_ms) {
+                Ok(source) => Check::pass(
+                    "audio capture",
+                    format!("PulseAudio source \"{source}\" records at 24 kHz mono"),
                 ),
                 Err(e) => Check::fail(
-                    what,
+                    "audio capture",
                     e,
-                    format!(
-                        "set audio.{key} to a name from `walkie devices` (a USB device is usually \"plughw:CARD=Device,DEV=0\")"
-                    ),
+                    "start the sound server (PulseAudio or PipeWire's pipewire-pulse) in this \
+                     session, or set audio.capture_device to a name from `pactl list short sources`",
                 ),
-            }
-        })
-        .collect(),
+            },
+            check_pcm(
+                "playback",
+                &audio.playback_device,
+                "playback_device",
+                audio.period_ms,
+            ),
+        ],
+    }
+}
+
+/// An ALSA PCM opened the way the audio thread opens it.
+fn check_pcm(dir: &str, device: &str, key: &str, period_ms: u32) -> Check {
+    let what = if dir == "capture" {
+        "audio capture"
+    } else {
+        "audio playback"
+    };
+    match crate::audio::probe_pcm(device, dir == "capture", period_ms) {
+        Ok(()) => Check::pass(what, format!("ALSA \"{device}\" opens at 24 kHz mono")),
+        Err(e) if e.contains("busy") => Check::warn(
+            what,
+            e,
+            "another program (or a running walkie) holds the device; stop it to check",
+        ),
+        Err(e) => Check::fail(
+            what,
+            e,
+            format!(
+                "set audio.{key} to a name from `walkie devices` (a USB device is usually \"plughw:CARD=Device,DEV=0\")"
+            ),
+        ),
     }
 }
 

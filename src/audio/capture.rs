@@ -25,6 +25,7 @@ use rtrb::Producer;
 
 use super::device::{AlsaDevice, CaptureDevice, WavSource, open_alsa};
 use super::pacer::Pacer;
+use super::pulse::PulseSource;
 use super::worker::{Exit, MAX_LATE_NS, ThreadCtx, frames_ns, gone_message};
 use crate::sys::sched;
 use crate::voice::SAMPLE_RATE;
@@ -36,6 +37,8 @@ pub enum CaptureSource {
     Alsa(String),
     /// A WAV file played as the microphone, then silence (no file: silence only).
     Wav(Option<PathBuf>),
+    /// A PulseAudio source name ("default": the server's), through libpulse.
+    Pulse(String),
 }
 
 /// How long the idle thread sleeps between bursts. Short enough that the pre-roll taken
@@ -119,6 +122,16 @@ impl CaptureWorker {
                     Exit::Stop | Exit::Retry => Ok(()),
                 }
             }
+            CaptureSource::Pulse(name) => {
+                let mut dev = PulseSource::open(&name, self.period_frames)?;
+                let mut buf = vec![0i16; self.period_frames];
+                let shown = format!("pulse:{}", dev.device_name().unwrap_or(name));
+                self.ctx.opened(&shown);
+                match self.run_periods(&mut dev, &mut buf, IDLE_LINGER.as_nanos() as u64) {
+                    Exit::Gone(errno) => Err(gone_message(&shown, errno)),
+                    Exit::Stop | Exit::Retry => Ok(()),
+                }
+            }
             CaptureSource::Wav(path) => {
                 let mut dev = WavSource::open(path.as_deref()).map_err(|e| e.to_string())?;
                 let mut buf = vec![0i16; self.period_frames];
@@ -170,6 +183,7 @@ impl CaptureWorker {
             } else {
                 0
             };
+            dev.set_idle(linger > 0);
             let avail = match dev.avail() {
                 Ok(n) => n,
                 Err(errno) => match self

@@ -44,6 +44,12 @@ pub trait CaptureDevice: Device {
     /// Blocks until a period is available or `timeout_ms` passed (a device with a clock:
     /// its interrupt or its plugin's wake-up, not a guess by sleeping).
     fn wait(&mut self, timeout_ms: u32) -> Result<(), Errno>;
+    /// The capture thread switches between idle (reading in bursts) and listening. A
+    /// device whose own wake-ups follow it (PulseAudio's fragment size) adjusts; cheap
+    /// when nothing changes, as the loop calls it every round.
+    fn set_idle(&mut self, idle: bool) {
+        let _ = idle;
+    }
 }
 
 pub trait PlaybackDevice: Device {

@@ -22,7 +22,9 @@
 //!
 //! Backends: `alsa` (configured PCM names; a `plug` layer converts to 24 kHz mono S16_LE),
 //! `wav` (a WAV file as the microphone, another receiving everything the speaker plays,
-//! through the same threads and loops), `none` (no threads; playback completes at once).
+//! through the same threads and loops), `pulse` (the microphone through PulseAudio's client
+//! library, `pulse.rs`; playback on ALSA as with `alsa`), `none` (no threads; playback
+//! completes at once).
 //! Testing without a sound card: tools/alsa/README.md.
 
 mod capture;
@@ -31,6 +33,7 @@ pub mod earcon;
 mod pacer;
 mod playback;
 pub mod preroll;
+mod pulse;
 mod shared;
 pub mod wav;
 mod worker;
@@ -187,6 +190,13 @@ pub fn probe_pcm(device: &str, capture: bool, period_ms: u32) -> Result<(), Stri
         })
 }
 
+/// `walkie doctor` for `audio.backend = "pulse"`: records from `source` the way the
+/// capture thread does, then closes; `Ok` names the source the server chose.
+pub fn probe_pulse_source(source: &str, period_ms: u32) -> Result<String, String> {
+    let period_frames = (SAMPLE_RATE as usize * period_ms as usize / 1000).max(1);
+    pulse::probe(source, period_frames)
+}
+
 /// The PCMs alsa-lib knows (its configuration and the sound cards' hints). Empty when
 /// ALSA cannot enumerate anything.
 pub fn list_pcms() -> Vec<PcmInfo> {
@@ -339,6 +349,12 @@ impl Audio {
                     show(&settings.output_wav, "discard"),
                 )
             }
+            AudioBackend::Pulse => (
+                CaptureSource::Pulse(settings.capture_device.clone()),
+                PlaybackTarget::Alsa(settings.playback_device.clone()),
+                format!("pulse:{}", settings.capture_device),
+                settings.playback_device.clone(),
+            ),
             _ => (
                 CaptureSource::Alsa(settings.capture_device.clone()),
                 PlaybackTarget::Alsa(settings.playback_device.clone()),
