@@ -118,6 +118,8 @@ impl Bench {
                 Ok(Devices {
                     audio: AudioEnv {
                         capture: "bench_mic".into(),
+                        walkie_backend: "alsa",
+                        walkie_capture: "bench_mic".into(),
                         playback: "bench_speaker".into(),
                         env: vec![(
                             "ALSA_CONFIG_PATH".into(),
@@ -138,6 +140,8 @@ impl Bench {
                 Ok(Devices {
                     audio: AudioEnv {
                         capture: mic.device.clone(),
+                        walkie_backend: "pulse",
+                        walkie_capture: "mic.monitor".into(),
                         playback: pcm("speaker"),
                         env: pulse.client_env(),
                         clockless: false,

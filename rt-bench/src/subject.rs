@@ -48,6 +48,11 @@ pub struct Programs {
 #[derive(Debug, Clone)]
 pub struct AudioEnv {
     pub capture: String,
+    /// walkie's `audio.backend` and `audio.capture_device` for this device: on the pulse
+    /// device walkie records through libpulse (`backend = "pulse"`, a source name), as a
+    /// user of a sound server sets it up; the peer and the bench read `capture` via ALSA.
+    pub walkie_backend: &'static str,
+    pub walkie_capture: String,
     pub playback: String,
     pub env: Vec<(String, String)>,
     /// The devices have no clock (ALSA file/null plugins).
@@ -129,7 +134,7 @@ url = "{url}"
 api_key_env = "RT_BENCH_KEY"
 ca_file = "{ca}"
 [audio]
-backend = "alsa"
+backend = "{backend}"
 capture_device = "{capture}"
 playback_device = "{playback}"
 earcons = false
@@ -143,7 +148,8 @@ cancel_grace_ms = 3000
 "#,
                     url = server.url,
                     ca = server.ca_file.display(),
-                    capture = audio.capture,
+                    backend = audio.walkie_backend,
+                    capture = audio.walkie_capture,
                     playback = audio.playback,
                     button = button.display(),
                     agent = agent_toml.join(", "),

@@ -14,7 +14,8 @@
 //! device in one burst (the capture buffer is sized for it), instead of waking every
 //! period. The main loop unparks it when streaming starts, and the playback thread when
 //! the speaker is about to sound, so it is back to one wake-up per period at once; what it
-//! had not read yet then reaches the main loop within a millisecond, as live audio.
+//! had not read yet then reaches the main loop within a millisecond, as live audio. (The
+//! PulseAudio backend lingers longer, `pulse::IDLE_FRAGMENT`: the server queues for it.)
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -127,7 +128,8 @@ impl CaptureWorker {
                 let mut buf = vec![0i16; self.period_frames];
                 let shown = format!("pulse:{}", dev.device_name().unwrap_or(name));
                 self.ctx.opened(&shown);
-                match self.run_periods(&mut dev, &mut buf, IDLE_LINGER.as_nanos() as u64) {
+                let linger = super::pulse::IDLE_FRAGMENT.as_nanos() as u64;
+                match self.run_periods(&mut dev, &mut buf, linger) {
                     Exit::Gone(errno) => Err(gone_message(&shown, errno)),
                     Exit::Stop | Exit::Retry => Ok(()),
                 }

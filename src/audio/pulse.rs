@@ -22,9 +22,16 @@ use std::time::Duration;
 use super::device::{CaptureDevice, Device, Errno};
 use crate::sys::pulse::{Lost, Record, bytes_for};
 
-/// The fragment asked of the server while nobody listens: the capture thread's idle
-/// linger, so a packet is waiting whenever the thread comes round.
-pub const IDLE_FRAGMENT: Duration = super::capture::IDLE_LINGER;
+/// How long the idle capture thread sleeps between bursts on this backend, and the
+/// fragment asked of the server meanwhile (so a packet is waiting whenever the thread comes
+/// round, and the source behind it sleeps as long). Longer than the ALSA backend's linger:
+/// what the thread has not read yet waits in the server's queue ([`MAX_QUEUED`]), not in a
+/// device buffer that must hold it, and reaches the main loop within a millisecond of a
+/// press, as live audio.
+pub const IDLE_FRAGMENT: Duration = Duration::from_millis(250);
+
+/// The most the server keeps for walkie unread (its default is 4 MiB, ~87 s).
+pub const MAX_QUEUED: Duration = Duration::from_secs(2);
 
 /// What the period loop sees when the server or the stream is gone.
 const GONE: Errno = libc::ECONNRESET;
@@ -50,7 +57,7 @@ impl PulseSource {
             name => Some(name),
         };
         Ok(PulseSource {
-            record: Record::open(source, period_bytes)?,
+            record: Record::open(source, period_bytes, bytes_for(MAX_QUEUED))?,
             period_bytes,
             idle: false,
         })
@@ -63,8 +70,13 @@ impl PulseSource {
 }
 
 impl Device for PulseSource {
+    /// What was received; the connection is only read when that is less than a period,
+    /// so a burst after an idle linger reads the socket once, not once per period.
     fn avail(&mut self) -> Result<usize, Errno> {
-        self.record.readable_frames().map_err(gone)
+        match self.record.queued_frames().map_err(gone)? {
+            n if n * 2 >= self.period_bytes as usize => Ok(n),
+            _ => self.record.readable_frames().map_err(gone),
+        }
     }
 
     /// The server drops what a slow reader leaves: there are no xruns to recover from.

@@ -177,13 +177,20 @@ pub struct Record {
     stream: *mut Opaque,
     /// Bytes of the fragment at the head of the stream's queue already copied out.
     offset: usize,
+    /// `maxlength`: what the server keeps unread at most.
+    max_bytes: u32,
 }
 
 impl Record {
     /// Connects to the server (`$PULSE_SERVER`, else libpulse's own lookup; never starts
     /// one) and records from `source` (None: the server's default source), asking for
-    /// fragments of `fragment_bytes`. Blocks up to [`OPEN_TIMEOUT`].
-    pub fn open(source: Option<&str>, fragment_bytes: u32) -> Result<Record, String> {
+    /// fragments of `fragment_bytes`, the server keeping at most `max_bytes` unread. Blocks
+    /// up to [`OPEN_TIMEOUT`].
+    pub fn open(
+        source: Option<&str>,
+        fragment_bytes: u32,
+        max_bytes: u32,
+    ) -> Result<Record, String> {
         let lib = lib()?;
         let device = match source {
             None => None,
@@ -203,6 +210,7 @@ impl Record {
             context: std::ptr::null_mut(),
             stream: std::ptr::null_mut(),
             offset: 0,
+            max_bytes,
         };
         // SAFETY: a valid main loop; the name is a NUL-terminated literal (libpulse copies).
         me.context =
@@ -253,7 +261,7 @@ impl Record {
                 me.error_text()
             ));
         }
-        let attr = attr(fragment_bytes);
+        let attr = attr(fragment_bytes, max_bytes);
         // SAFETY: a fresh stream; attr and device name are copied.
         let r = unsafe {
             (lib.stream_connect_record)(
@@ -356,6 +364,16 @@ impl Record {
         if alive { Ok(()) } else { Err(Lost) }
     }
 
+    /// Frames received and not read yet, without looking at the connection.
+    pub fn queued_frames(&self) -> Result<usize, Lost> {
+        // SAFETY: a valid stream; on one that is no longer ready this answers (size_t)-1.
+        let n = unsafe { (self.lib.stream_readable_size)(self.stream) };
+        if n == usize::MAX {
+            return Err(Lost);
+        }
+        Ok(n.saturating_sub(self.offset) / 2)
+    }
+
     /// Runs what is pending on the connection without waiting, then says how many frames
     /// can be read.
     pub fn readable_frames(&mut self) -> Result<usize, Lost> {
@@ -370,12 +388,7 @@ impl Record {
             }
         }
         self.check()?;
-        // SAFETY: a ready stream.
-        let n = unsafe { (self.lib.stream_readable_size)(self.stream) };
-        if n == usize::MAX {
-            return Err(Lost);
-        }
-        Ok(n.saturating_sub(self.offset) / 2)
+        self.queued_frames()
     }
 
     /// Copies up to `buf.len()` frames out of the fragments received; a hole (audio the
@@ -430,7 +443,7 @@ impl Record {
     /// Asks the server for fragments of `bytes` from now on, without waiting for the
     /// answer (a live stream changes size without a gap).
     pub fn set_fragment(&mut self, bytes: u32) {
-        let attr = attr(bytes);
+        let attr = attr(bytes, self.max_bytes);
         // SAFETY: a ready stream; attr is copied; the operation is released at once (its
         // completion is not waited for: the next packets simply come at the new size).
         unsafe {
@@ -447,10 +460,11 @@ impl Record {
     }
 }
 
-/// Everything the server decides but the fragment size.
-fn attr(fragsize: u32) -> BufferAttr {
+/// A record stream's buffer: the fragment size and the most kept unread; the rest (the
+/// playback fields) left to the server.
+fn attr(fragsize: u32, maxlength: u32) -> BufferAttr {
     BufferAttr {
-        maxlength: u32::MAX,
+        maxlength,
         tlength: u32::MAX,
         prebuf: u32::MAX,
         minreq: u32::MAX,
