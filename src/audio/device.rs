@@ -57,7 +57,8 @@ pub trait PlaybackDevice: Device {
     fn write(&mut self, buf: &[i16]) -> Result<usize, Errno>;
     /// Frames written but not yet heard (0 when the device cannot tell).
     fn delay(&mut self) -> usize;
-    /// Drops everything queued in the device at once and gets ready for new data.
+    /// Drops everything queued in the device at once (silence now); the device is ready
+    /// for new data when next used.
     fn drop_queued(&mut self) -> Result<(), Errno>;
     /// Nothing will play for a while (what is queued is silence): stops the device so it
     /// asks for nothing. A clocked device that can pause is paused — the PulseAudio plugin
@@ -227,6 +228,8 @@ pub struct AlsaDevice<'a> {
     capture: bool,
     can_pause: bool,
     paused: bool,
+    /// Dropped and not prepared again yet: the prepare waits until the device is used.
+    dropped: bool,
 }
 
 impl<'a> AlsaDevice<'a> {
@@ -238,12 +241,23 @@ impl<'a> AlsaDevice<'a> {
             capture,
             can_pause,
             paused: false,
+            dropped: false,
         })
+    }
+
+    /// Prepares a dropped device before it is used again.
+    fn ready(&mut self) -> Result<(), Errno> {
+        if self.dropped {
+            self.pcm.prepare().map_err(|e| e.errno())?;
+            self.dropped = false;
+        }
+        Ok(())
     }
 }
 
 impl Device for AlsaDevice<'_> {
     fn avail(&mut self) -> Result<usize, Errno> {
+        self.ready()?;
         self.pcm
             .avail()
             .map(|n| n.max(0) as usize)
@@ -251,6 +265,7 @@ impl Device for AlsaDevice<'_> {
     }
 
     fn restart(&mut self) -> Result<(), Errno> {
+        self.dropped = false;
         self.pcm.prepare().map_err(|e| e.errno())?;
         if self.capture {
             self.pcm.start().map_err(|e| e.errno())?;
@@ -298,20 +313,31 @@ impl CaptureDevice for AlsaDevice<'_> {
 
 impl PlaybackDevice for AlsaDevice<'_> {
     fn write(&mut self, buf: &[i16]) -> Result<usize, Errno> {
+        self.ready()?;
         self.io.writei(buf).map_err(|e| e.errno())
     }
 
     fn delay(&mut self) -> usize {
+        if self.dropped {
+            return 0;
+        }
         self.pcm.delay().map(|d| d.max(0) as usize).unwrap_or(0)
     }
 
+    /// `snd_pcm_drop` silences the device at once; the prepare that makes it ready for
+    /// more waits until it is next used (`ready`). On the PulseAudio plugin that prepare
+    /// makes a new server stream (round trips), which a barge-in need not wait for.
     fn drop_queued(&mut self) -> Result<(), Errno> {
         self.paused = false;
         self.pcm.drop().map_err(|e| e.errno())?;
-        self.pcm.prepare().map_err(|e| e.errno())
+        self.dropped = true;
+        Ok(())
     }
 
     fn stop_idle(&mut self, clocked: bool) -> Result<(), Errno> {
+        if self.dropped {
+            return Ok(());
+        }
         if clocked && self.can_pause && self.pcm.state() == alsa::pcm::State::Running {
             self.pcm.pause(true).map_err(|e| e.errno())?;
             self.paused = true;
