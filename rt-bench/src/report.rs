@@ -10,6 +10,9 @@ use serde::Serialize;
 
 use crate::stats::Summary;
 
+/// The memory target, 15 MB, in the MiB the figures are in (15 000 000 / 2^20).
+const RSS_TARGET_MIB: f64 = 15_000_000.0 / 1_048_576.0;
+
 /// One figure for one subject.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {
@@ -158,13 +161,13 @@ const SPECS: &[Spec] = &[
     Spec {
         id: "rss_rest",
         title: "RSS at rest (MiB)",
-        target: Some((Stat::Max, 15.0, "≤ 15 MB")),
+        target: Some((Stat::Max, RSS_TARGET_MIB, "≤ 15 MB")),
         ratio: true,
     },
     Spec {
         id: "rss_soak",
         title: "RSS over the soak (MiB)",
-        target: Some((Stat::Max, 15.0, "≤ 15 MB, flat")),
+        target: Some((Stat::Max, RSS_TARGET_MIB, "≤ 15 MB, flat")),
         ratio: true,
     },
     Spec {
