@@ -424,3 +424,79 @@ fn doctor_records_from_the_pulse_source_or_says_why_not() {
         "{line}"
     );
 }
+
+#[test]
+fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_back() {
+    let base = tempfile::tempdir().unwrap();
+    let pulse = Pulse::start(&base.path().join("pulse"));
+    let (w, fake) = pulse_walkie(&pulse.server());
+    assert!(
+        wait_until(T, || capture_status(&w)["state"] == "ok"),
+        "{}",
+        capture_status(&w)
+    );
+    // The sink whose monitor walkie records goes away (a USB headset unplugged).
+    let modules = pulse.pactl(&["list", "short", "modules"]).unwrap();
+    let mic_module = modules
+        .lines()
+        .find(|l| l.contains("sink_name=mic"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the mic sink's module")
+        .to_owned();
+    pulse.pactl(&["unload-module", &mic_module]).unwrap();
+    assert!(
+        wait_until(T, || capture_status(&w)["state"] == "failed"),
+        "{}",
+        capture_status(&w)
+    );
+    // Reopening names the source that is missing; walkie, its link and its control
+    // socket go on.
+    assert!(
+        wait_until(T, || capture_status(&w)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot record from mic.monitor"))),
+        "{}",
+        capture_status(&w)
+    );
+    assert_eq!(w.ctl_json(&["status"])["link"], "connected");
+    assert_eq!(w.ctl_json(&["status"])["audio"]["playback"]["state"], "ok");
+    // Plugged in again: recording resumes and reaches the model.
+    pulse
+        .pactl(&[
+            "load-module",
+            "module-null-sink",
+            "sink_name=mic",
+            "rate=24000",
+            "channels=1",
+            "format=s16le",
+        ])
+        .unwrap();
+    let mic = mic_signal(24_000 * 20);
+    let mut player = pulse.play_into_mic(&mic, base.path());
+    assert!(
+        wait_until(T, || capture_status(&w)["state"] == "ok"),
+        "{}",
+        capture_status(&w)
+    );
+    let (code, _, err) = w.ctl(&["press"]);
+    assert_eq!(code, 0, "{err}");
+    fake.wait_events(T, "audio after the source came back", |ev| {
+        ev.iter()
+            .any(|(_, e)| e["type"] == "input_audio_buffer.append")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, err) = w.ctl(&["release"]);
+    assert_eq!(code, 0, "{err}");
+    fake.wait_events(T, "commit", |ev| {
+        ev.iter()
+            .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
+    });
+    let sent = appended(&fake);
+    let tail = &sent[sent.len().saturating_sub(16)..];
+    assert!(
+        tail.len() == 16 && mic.windows(16).any(|m| m == tail),
+        "no microphone audio after the source came back"
+    );
+    let _ = player.kill();
+    let _ = player.wait();
+}

@@ -33,11 +33,14 @@ pub const IDLE_FRAGMENT: Duration = Duration::from_millis(250);
 /// The most the server keeps for walkie unread (its default is 4 MiB, ~87 s).
 pub const MAX_QUEUED: Duration = Duration::from_secs(2);
 
-/// What the period loop sees when the server or the stream is gone.
-const GONE: Errno = libc::ECONNRESET;
-
-fn gone(_: Lost) -> Errno {
-    GONE
+/// What the period loop sees (and `walkie ctl status` says) when the server or the
+/// stream is gone.
+fn gone(lost: Lost) -> Errno {
+    match lost {
+        Lost::Server => libc::ECONNRESET,
+        // The server killed the stream: its source went away.
+        Lost::Stream => libc::ENODEV,
+    }
 }
 
 pub struct PulseSource {

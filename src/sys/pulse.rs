@@ -24,6 +24,10 @@ const PA_SAMPLE_S16LE: c_int = 3;
 /// The server sets the source's latency from the fragment size (and re-sets it when the
 /// fragment size changes), rather than only batching what the source delivers.
 const PA_STREAM_ADJUST_LATENCY: c_int = 0x2000;
+/// A stream recording from a named source stays on it: when the source goes away the
+/// server kills the stream (walkie says so and waits for it to return) instead of moving
+/// it to another source, which would go on "recording" whatever that one hears.
+const PA_STREAM_DONT_MOVE: c_int = 0x0200;
 
 #[repr(C)]
 struct SampleSpec {
@@ -164,9 +168,14 @@ pub fn bytes_for(d: Duration) -> u32 {
     u32::try_from(frames * 2).unwrap_or(u32::MAX)
 }
 
-/// The connection is gone (server stopped, stream killed or moved away and failed).
+/// What went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lost;
+pub enum Lost {
+    /// The connection to the server (it stopped or restarted).
+    Server,
+    /// The stream, on a connection still up: the server killed it (its source went away).
+    Stream,
+}
 
 /// A PulseAudio record stream at 24 kHz mono S16 and the connection and main loop it lives
 /// on, all used from the thread that opened it.
@@ -183,7 +192,8 @@ pub struct Record {
 
 impl Record {
     /// Connects to the server (`$PULSE_SERVER`, else libpulse's own lookup; never starts
-    /// one) and records from `source` (None: the server's default source), asking for
+    /// one) and records from `source` (None: the server's default source, followed when it
+    /// changes; a named source is kept, never moved from), asking for
     /// fragments of `fragment_bytes`, the server keeping at most `max_bytes` unread. Blocks
     /// up to [`OPEN_TIMEOUT`].
     pub fn open(
@@ -268,7 +278,11 @@ impl Record {
                 me.stream,
                 device.as_ref().map_or(std::ptr::null(), |d| d.as_ptr()),
                 &attr,
-                PA_STREAM_ADJUST_LATENCY,
+                if device.is_some() {
+                    PA_STREAM_ADJUST_LATENCY | PA_STREAM_DONT_MOVE
+                } else {
+                    PA_STREAM_ADJUST_LATENCY
+                },
             )
         };
         if r < 0 {
@@ -357,11 +371,24 @@ impl Record {
     /// Whether the connection and the stream are both still up.
     pub fn check(&self) -> Result<(), Lost> {
         // SAFETY: valid context and stream.
-        let alive = unsafe {
-            (self.lib.context_get_state)(self.context) == PA_CONTEXT_READY
-                && (self.lib.stream_get_state)(self.stream) == PA_STREAM_READY
+        let (context, stream) = unsafe {
+            (
+                (self.lib.context_get_state)(self.context),
+                (self.lib.stream_get_state)(self.stream),
+            )
         };
-        if alive { Ok(()) } else { Err(Lost) }
+        if context != PA_CONTEXT_READY {
+            Err(Lost::Server)
+        } else if stream != PA_STREAM_READY {
+            Err(Lost::Stream)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// After a call failed: what went away.
+    fn lost(&self) -> Lost {
+        self.check().err().unwrap_or(Lost::Server)
     }
 
     /// Frames received and not read yet, without looking at the connection.
@@ -369,7 +396,7 @@ impl Record {
         // SAFETY: a valid stream; on one that is no longer ready this answers (size_t)-1.
         let n = unsafe { (self.lib.stream_readable_size)(self.stream) };
         if n == usize::MAX {
-            return Err(Lost);
+            return Err(self.lost());
         }
         Ok(n.saturating_sub(self.offset) / 2)
     }
@@ -381,7 +408,7 @@ impl Record {
             // SAFETY: a valid main loop, this thread only.
             let n = unsafe { (self.lib.mainloop_iterate)(self.mainloop, 0, std::ptr::null_mut()) };
             if n < 0 {
-                return Err(Lost);
+                return Err(self.lost());
             }
             if n == 0 {
                 break;
@@ -401,7 +428,7 @@ impl Record {
             // SAFETY: a ready stream; data/nbytes are written by libpulse and stay valid
             // until pa_stream_drop.
             if unsafe { (self.lib.stream_peek)(self.stream, &mut data, &mut nbytes) } < 0 {
-                return Err(Lost);
+                return Err(self.lost());
             }
             if nbytes == 0 {
                 break;
@@ -435,7 +462,7 @@ impl Record {
     pub fn wait(&mut self, timeout_ms: u32) -> Result<(), Lost> {
         let us = c_int::try_from(u64::from(timeout_ms) * 1000).unwrap_or(c_int::MAX);
         if !self.iterate_for(us) {
-            return Err(Lost);
+            return Err(self.lost());
         }
         self.check()
     }
