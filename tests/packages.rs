@@ -117,6 +117,7 @@ fn the_debs_carry_the_binary_the_user_unit_the_examples_and_the_docs() {
             "Package",
             "Architecture",
             "Depends",
+            "Suggests",
         ]));
         assert!(fields.contains("Package: walkie"), "{fields}");
         assert!(
@@ -124,6 +125,8 @@ fn the_debs_carry_the_binary_the_user_unit_the_examples_and_the_docs() {
             "{fields}"
         );
         assert!(fields.contains("libasound2"), "{fields}");
+        // Loaded with dlopen by the pulse backend: named, not required.
+        assert!(fields.contains("Suggests: libpulse0"), "{fields}");
         let bin = extract(&deb, "/usr/bin/walkie");
         assert_eq!(
             u16::from_le_bytes([bin[18], bin[19]]),
