@@ -325,15 +325,26 @@ impl Bench {
         let (ring, devw) = playback_latencies(&probe, &reports);
         let mut barge = Dist::new();
         let mut cancel = Dist::new();
+        let mut no_cancel = 0;
         let flushes = probe.get("flush").cloned().unwrap_or_default();
         for (i, &t) in presses.iter().enumerate() {
             let next = presses.get(i + 1).copied().unwrap_or(u64::MAX);
             if let Some(f) = flushes.iter().find(|f| f.t_ns >= t && f.t_ns < next) {
                 barge.record_ns(f.t_ns - t);
             }
-            if let Some(c) = cancels[i] {
-                cancel.record_ns(c - t);
+            // A press that found the answer already sent in full is answered with a
+            // truncation alone: the next press's cancel is not this one's.
+            match cancels[i] {
+                Some(c) if c < next => cancel.record_ns(c - t),
+                _ => no_cancel += 1,
             }
+        }
+        if no_cancel > 0 {
+            self.notes.push(format!(
+                "barge-in {device} {}: {no_cancel} of {} presses sent no response.cancel before the next press",
+                which.name(),
+                presses.len()
+            ));
         }
         self.push("wire_ring", Some(device), None, (which, true), "ms", &ring);
         self.push(
