@@ -16,28 +16,12 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 /// The capture and playback period (the default `audio.period_ms`).
 const PERIOD_MS: u64 = 10;
-
-/// A microphone signal in which any 16 consecutive samples occur once: xorshift noise with
-/// no zero (so silence is recognisable).
-fn mic_signal(frames: usize) -> Vec<i16> {
-    let mut x: u32 = 0x9E37_79B9;
-    (0..frames)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            let s = (x >> 16) as i16;
-            if s == 0 { 1 } else { s }
-        })
-        .collect()
-}
 
 fn write_wav(path: &Path, samples: &[i16]) {
     let mut f = std::io::BufWriter::new(File::create(path).unwrap());
@@ -119,20 +103,9 @@ fn idle_walkie(mic: &[i16], earcons: bool) -> (Walkie, FakeRealtime) {
     (w, fake)
 }
 
-fn appended(fake: &FakeRealtime) -> Vec<i16> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    fake.events_of_type("input_audio_buffer.append")
-        .iter()
-        .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
-        .collect::<Vec<u8>>()
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
-        .collect()
-}
-
 #[test]
 fn idle_audio_threads_do_not_wake_every_period_nor_the_main_loop() {
-    let (w, fake) = idle_walkie(&mic_signal(24_000 * 10), true);
+    let (w, fake) = idle_walkie(&mic_signal(0x9E37_79B9, 24_000 * 10), true);
     // Let the start-up settle: the speaker's first silence plays out and it parks.
     std::thread::sleep(Duration::from_millis(500));
     let window = Duration::from_secs(3);
@@ -197,7 +170,7 @@ fn idle_audio_threads_do_not_wake_every_period_nor_the_main_loop() {
 
 #[test]
 fn the_preroll_is_whole_after_a_long_idle() {
-    let mic = mic_signal(24_000 * 10);
+    let mic = mic_signal(0x9E37_79B9, 24_000 * 10);
     // No earcons: the press earcon's echo padding would cut the last few milliseconds
     // before the press out of the pre-roll, on purpose, and hide what is checked here.
     let (w, fake) = idle_walkie(&mic, false);
@@ -215,7 +188,7 @@ fn the_preroll_is_whole_after_a_long_idle() {
         ev.iter()
             .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
     });
-    let sent = appended(&fake);
+    let sent = appended_samples(&fake);
     // Exactly one contiguous stretch of the microphone: no gap where the pre-roll taken at
     // the press meets what the idle capture thread had not read yet, nothing twice.
     let start = mic

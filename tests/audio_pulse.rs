@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use serde_json::json;
 
@@ -149,32 +148,6 @@ impl Drop for Pulse {
     }
 }
 
-/// A microphone signal in which any 16 consecutive samples occur once: xorshift noise with
-/// no zero (so silence is recognisable).
-fn mic_signal(frames: usize) -> Vec<i16> {
-    let mut x: u32 = 0x2545_F491;
-    (0..frames)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            let s = (x >> 16) as i16;
-            if s == 0 { 1 } else { s }
-        })
-        .collect()
-}
-
-fn appended(fake: &FakeRealtime) -> Vec<i16> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    fake.events_of_type("input_audio_buffer.append")
-        .iter()
-        .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
-        .collect::<Vec<u8>>()
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
-        .collect()
-}
-
 /// Voluntary context switches of all of `pid`'s threads together.
 fn wakeups(pid: i32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -216,6 +189,31 @@ fn pulse_walkie(server: &str) -> (Walkie, FakeRealtime) {
     (w, fake)
 }
 
+/// Holds the button until audio flows, then a little longer, releases, and checks the turn
+/// ended with audio from `mic` (after a server or source came back: a null sink that has
+/// just started renders its first block of up to 2 s before it takes a reader's latency).
+fn talk_and_hear(w: &Walkie, fake: &FakeRealtime, mic: &[i16], when: &str) {
+    let (code, _, err) = w.ctl(&["press"]);
+    assert_eq!(code, 0, "{err}");
+    fake.wait_events(T, &format!("audio {when}"), |ev| {
+        ev.iter()
+            .any(|(_, e)| e["type"] == "input_audio_buffer.append")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, err) = w.ctl(&["release"]);
+    assert_eq!(code, 0, "{err}");
+    fake.wait_events(T, "commit", |ev| {
+        ev.iter()
+            .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
+    });
+    let sent = appended_samples(fake);
+    let tail = &sent[sent.len().saturating_sub(16)..];
+    assert!(
+        tail.len() == 16 && mic.windows(16).any(|m| m == tail),
+        "no microphone audio {when}"
+    );
+}
+
 fn capture_status(w: &Walkie) -> serde_json::Value {
     w.ctl_json(&["status"])["audio"]["capture"].clone()
 }
@@ -224,7 +222,7 @@ fn capture_status(w: &Walkie) -> serde_json::Value {
 fn the_microphone_comes_whole_from_pulseaudio_and_idle_asks_the_server_for_large_fragments() {
     let base = tempfile::tempdir().unwrap();
     let pulse = Pulse::start(&base.path().join("pulse"));
-    let mic = mic_signal(24_000 * 30);
+    let mic = mic_signal(0x2545_F491, 24_000 * 30);
     let mut player = pulse.play_into_mic(&mic, base.path());
     let (w, fake) = pulse_walkie(&pulse.server());
     assert!(
@@ -272,7 +270,7 @@ fn the_microphone_comes_whole_from_pulseaudio_and_idle_asks_the_server_for_large
         ev.iter()
             .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
     });
-    let sent = appended(&fake);
+    let sent = appended_samples(&fake);
     assert!(sent.len() > 24_000 / 2, "only {} frames sent", sent.len());
     // One contiguous stretch of what pacat played, bit for bit: nothing lost where the
     // fragment size changed, nothing twice.
@@ -349,34 +347,14 @@ fn no_sound_server_is_a_clear_status_and_walkie_records_once_one_comes_and_after
     );
     // And back: the microphone works again.
     let pulse = Pulse::start(&pulse_dir);
-    let mic = mic_signal(24_000 * 20);
+    let mic = mic_signal(0x2545_F491, 24_000 * 20);
     let mut player = pulse.play_into_mic(&mic, base.path());
     assert!(
         wait_until(T, || capture_status(&w)["state"] == "ok"),
         "{}",
         capture_status(&w)
     );
-    // A null sink that has just started renders its first block of up to 2 s before it
-    // takes a reader's latency: hold until audio flows, whenever that is.
-    let (code, _, err) = w.ctl(&["press"]);
-    assert_eq!(code, 0, "{err}");
-    fake.wait_events(T, "audio after the server came back", |ev| {
-        ev.iter()
-            .any(|(_, e)| e["type"] == "input_audio_buffer.append")
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let (code, _, err) = w.ctl(&["release"]);
-    assert_eq!(code, 0, "{err}");
-    fake.wait_events(T, "commit", |ev| {
-        ev.iter()
-            .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
-    });
-    let sent = appended(&fake);
-    let tail = &sent[sent.len().saturating_sub(16)..];
-    assert!(
-        tail.len() == 16 && mic.windows(16).any(|m| m == tail),
-        "no microphone audio after the server came back"
-    );
+    talk_and_hear(&w, &fake, &mic, "after the server came back");
     let _ = player.kill();
     let _ = player.wait();
 }
@@ -471,32 +449,14 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
             "format=s16le",
         ])
         .unwrap();
-    let mic = mic_signal(24_000 * 20);
+    let mic = mic_signal(0x2545_F491, 24_000 * 20);
     let mut player = pulse.play_into_mic(&mic, base.path());
     assert!(
         wait_until(T, || capture_status(&w)["state"] == "ok"),
         "{}",
         capture_status(&w)
     );
-    let (code, _, err) = w.ctl(&["press"]);
-    assert_eq!(code, 0, "{err}");
-    fake.wait_events(T, "audio after the source came back", |ev| {
-        ev.iter()
-            .any(|(_, e)| e["type"] == "input_audio_buffer.append")
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let (code, _, err) = w.ctl(&["release"]);
-    assert_eq!(code, 0, "{err}");
-    fake.wait_events(T, "commit", |ev| {
-        ev.iter()
-            .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
-    });
-    let sent = appended(&fake);
-    let tail = &sent[sent.len().saturating_sub(16)..];
-    assert!(
-        tail.len() == 16 && mic.windows(16).any(|m| m == tail),
-        "no microphone audio after the source came back"
-    );
+    talk_and_hear(&w, &fake, &mic, "after the source came back");
     let _ = player.kill();
     let _ = player.wait();
 }

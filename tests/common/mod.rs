@@ -841,3 +841,31 @@ pub fn check_trace_with_sdk(trace: &Path) -> Vec<String> {
         .map(|(_, k)| k.split(',').map(str::to_string).collect())
         .unwrap_or_default()
 }
+
+/// A microphone signal in which any 16 consecutive samples occur once: xorshift noise from
+/// `seed` with no zero (so silence is recognisable).
+pub fn mic_signal(seed: u32, frames: usize) -> Vec<i16> {
+    let mut x = seed;
+    (0..frames)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let s = (x >> 16) as i16;
+            if s == 0 { 1 } else { s }
+        })
+        .collect()
+}
+
+/// Every sample fake-realtime received in `input_audio_buffer.append` events, in order.
+pub fn appended_samples(fake: &FakeRealtime) -> Vec<i16> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    fake.events_of_type("input_audio_buffer.append")
+        .iter()
+        .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
+        .collect::<Vec<u8>>()
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
