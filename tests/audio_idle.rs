@@ -44,31 +44,11 @@ fn write_wav(path: &Path, samples: &[i16]) {
     f.flush().unwrap();
 }
 
-/// Voluntary context switches of each of `pid`'s threads, by thread name (the main thread
-/// is "walkie").
-fn wakeups(pid: i32) -> HashMap<String, u64> {
-    let mut out = HashMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let n: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        *out.entry(comm.trim().to_string()).or_insert(0) += n;
-    }
-    out
-}
-
 /// Wake-ups of each thread during `d`.
 fn wakeups_during(pid: i32, d: Duration) -> HashMap<String, u64> {
-    let before = wakeups(pid);
+    let before = thread_wakeups(pid);
     std::thread::sleep(d);
-    let after = wakeups(pid);
+    let after = thread_wakeups(pid);
     after
         .iter()
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))

@@ -150,18 +150,7 @@ impl Drop for Pulse {
 
 /// Voluntary context switches of all of `pid`'s threads together.
 fn wakeups(pid: i32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .map(|task| {
-            std::fs::read_to_string(task.path().join("status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+    thread_wakeups(pid).values().sum()
 }
 
 /// walkie with the pulse backend recording from `mic.monitor` of `server`, connected to
@@ -214,6 +203,17 @@ fn talk_and_hear(w: &Walkie, fake: &FakeRealtime, mic: &[i16], when: &str) {
     );
 }
 
+/// Waits until the capture's state is `state` and returns its status.
+fn wait_capture(w: &Walkie, state: &str) -> serde_json::Value {
+    assert!(
+        wait_until(T, || capture_status(w)["state"] == state),
+        "the capture never became {state}: {}\n{}",
+        capture_status(w),
+        w.log()
+    );
+    capture_status(w)
+}
+
 fn capture_status(w: &Walkie) -> serde_json::Value {
     w.ctl_json(&["status"])["audio"]["capture"].clone()
 }
@@ -225,13 +225,7 @@ fn the_microphone_comes_whole_from_pulseaudio_and_idle_asks_the_server_for_large
     let mic = mic_signal(0x2545_F491, 24_000 * 30);
     let mut player = pulse.play_into_mic(&mic, base.path());
     let (w, fake) = pulse_walkie(&pulse.server());
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "ok"),
-        "the capture never opened: {}\n{}",
-        capture_status(&w),
-        w.log()
-    );
-    assert_eq!(capture_status(&w)["device"], "pulse:mic.monitor");
+    assert_eq!(wait_capture(&w, "ok")["device"], "pulse:mic.monitor");
 
     // Idle: the server is asked for fragments of the capture thread's linger (250 ms on
     // this backend), not of a period, so the source behind it can sleep as long.
@@ -306,11 +300,7 @@ fn no_sound_server_is_a_clear_status_and_walkie_records_once_one_comes_and_after
     let server = format!("unix:{}", pulse_dir.join("native").display());
     let (w, fake) = pulse_walkie(&server);
     // Nobody answers: the capture says why, the rest of walkie works.
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "failed"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "failed");
     let error = capture_status(&w)["error"]
         .as_str()
         .unwrap_or("")
@@ -325,18 +315,10 @@ fn no_sound_server_is_a_clear_status_and_walkie_records_once_one_comes_and_after
 
     // The server comes: walkie connects within its backoff (at most 5 s).
     let mut pulse = Pulse::start(&pulse_dir);
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "ok"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "ok");
     // The server goes away mid-stream: failed, with the reason.
     pulse.stop();
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "failed"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "failed");
     let error = capture_status(&w)["error"]
         .as_str()
         .unwrap_or("")
@@ -349,11 +331,7 @@ fn no_sound_server_is_a_clear_status_and_walkie_records_once_one_comes_and_after
     let pulse = Pulse::start(&pulse_dir);
     let mic = mic_signal(0x2545_F491, 24_000 * 20);
     let mut player = pulse.play_into_mic(&mic, base.path());
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "ok"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "ok");
     talk_and_hear(&w, &fake, &mic, "after the server came back");
     let _ = player.kill();
     let _ = player.wait();
@@ -408,11 +386,7 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
     let base = tempfile::tempdir().unwrap();
     let pulse = Pulse::start(&base.path().join("pulse"));
     let (w, fake) = pulse_walkie(&pulse.server());
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "ok"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "ok");
     // The sink whose monitor walkie records goes away (a USB headset unplugged).
     let modules = pulse.pactl(&["list", "short", "modules"]).unwrap();
     let mic_module = modules
@@ -422,11 +396,7 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
         .expect("the mic sink's module")
         .to_owned();
     pulse.pactl(&["unload-module", &mic_module]).unwrap();
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "failed"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "failed");
     // Reopening names the source that is missing; walkie, its link and its control
     // socket go on.
     assert!(
@@ -451,11 +421,7 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
         .unwrap();
     let mic = mic_signal(0x2545_F491, 24_000 * 20);
     let mut player = pulse.play_into_mic(&mic, base.path());
-    assert!(
-        wait_until(T, || capture_status(&w)["state"] == "ok"),
-        "{}",
-        capture_status(&w)
-    );
+    wait_capture(&w, "ok");
     talk_and_hear(&w, &fake, &mic, "after the source came back");
     let _ = player.kill();
     let _ = player.wait();

@@ -869,3 +869,23 @@ pub fn appended_samples(fake: &FakeRealtime) -> Vec<i16> {
         .map(|c| i16::from_le_bytes([c[0], c[1]]))
         .collect()
 }
+
+/// Voluntary context switches of each of `pid`'s threads, by thread name (the main thread
+/// is "walkie").
+pub fn thread_wakeups(pid: i32) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let n: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        *out.entry(comm.trim().to_string()).or_insert(0) += n;
+    }
+    out
+}
