@@ -201,7 +201,6 @@ impl Record {
         fragment_bytes: u32,
         max_bytes: u32,
     ) -> Result<Record, String> {
-        let lib = lib()?;
         let device = match source {
             None => None,
             Some(name) => Some(
@@ -209,6 +208,7 @@ impl Record {
                     .map_err(|_| format!("invalid PulseAudio source name {name:?}"))?,
             ),
         };
+        let lib = lib()?;
         // SAFETY: plain constructor; freed in Drop.
         let mainloop = unsafe { (lib.mainloop_new)() };
         if mainloop.is_null() {
@@ -520,6 +520,15 @@ impl Drop for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_name_libpulse_cannot_take_is_a_clear_error() {
+        let error = match Record::open(Some("mic\0monitor"), 480, 96_000) {
+            Ok(_) => panic!("opened a source whose name has a NUL"),
+            Err(e) => e,
+        };
+        assert_eq!(error, "invalid PulseAudio source name \"mic\\0monitor\"");
+    }
 
     #[test]
     fn fragment_sizes_are_in_bytes_of_24_khz_mono_s16() {
