@@ -23,6 +23,12 @@ fn connected(
         .insert("WALKIE_TEST_KEY".into(), "sk-test-walkie-key-000".into());
     w.start_with(&["--trace", w.path("trace.jsonl").to_str().unwrap()]);
     w.wait_connected();
+    // walkie counts the session ready at `session.created` and sends its `session.update` in
+    // the same turn; the fake records it when its connection thread reads it, which can be
+    // after the status that said "ready".
+    fake.wait_events(T, "the session.update", |ev| {
+        ev.iter().any(|(_, e)| e["type"] == "session.update")
+    });
     (w, fake)
 }
 
