@@ -215,11 +215,25 @@ fn agent_lines(w: &Walkie, name: &str) -> Vec<Value> {
         .collect()
 }
 
-fn results(w: &Walkie, name: &str) -> Vec<Value> {
-    agent_lines(w, name)
-        .into_iter()
-        .filter(|l| l["type"] == "result")
-        .collect()
+/// The result lines of a task's agent output, once there are at least `turns`. walkie
+/// writes the output on its writer thread: `ctl tasks` says a turn ended (walkie read its
+/// result line) before the line is on disk. Once it is, so is every line before it.
+fn results(w: &Walkie, name: &str, turns: usize) -> Vec<Value> {
+    let mut found = Vec::new();
+    let ok = wait_until(T, || {
+        found = agent_lines(w, name)
+            .into_iter()
+            .filter(|l| l["type"] == "result")
+            .collect();
+        found.len() >= turns
+    });
+    assert!(
+        ok,
+        "{name}: {} result line(s) on disk, not {turns}\n{}",
+        found.len(),
+        w.log()
+    );
+    found
 }
 
 fn cmdline(pid: i64) -> String {
@@ -264,7 +278,7 @@ fn a_permission_request_is_announced_when_idle_and_allowed_by_a_typed_turn() {
     let done = wait_state(&w, "flaky", "succeeded");
     assert_eq!(done["warm"], true, "{done}");
     // The agent ran the command: nothing was denied in its turn.
-    let result = &results(&w, "flaky")[0];
+    let result = &results(&w, "flaky", 1)[0];
     assert_eq!(result["permission_denials"], json!([]), "{result}");
     // And the completion is announced after.
     fake.wait_events(T, "the completion", |_| {
@@ -288,7 +302,7 @@ fn a_permission_request_denied_by_voice_goes_on_without_the_tool() {
     let out = tool_output(&w, "answer_task");
     assert_eq!(out["decision"], "deny", "{out}");
     wait_state(&w, "flaky", "succeeded");
-    let result = &results(&w, "flaky")[0];
+    let result = &results(&w, "flaky", 1)[0];
     let denials = result["permission_denials"].as_array().unwrap();
     assert_eq!(denials.len(), 1, "{result}");
     assert_eq!(denials[0]["tool_input"]["command"], "rm -rf build");
@@ -329,7 +343,7 @@ fn the_model_approving_without_a_user_turn_is_refused() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "allowed flaky to run `./deploy.sh`");
     wait_state(&w, "flaky", "succeeded");
-    assert_eq!(results(&w, "flaky")[0]["permission_denials"], json!([]));
+    assert_eq!(results(&w, "flaky", 1)[0]["permission_denials"], json!([]));
 }
 
 #[test]
@@ -373,7 +387,7 @@ fn a_permission_request_is_allowed_by_a_spoken_turn() {
         json!({"status": "answered", "task": "flaky", "decision": "allow", "request": "run `npm test`"})
     );
     wait_state(&w, "flaky", "succeeded");
-    assert_eq!(results(&w, "flaky")[0]["permission_denials"], json!([]));
+    assert_eq!(results(&w, "flaky", 1)[0]["permission_denials"], json!([]));
     // It was a spoken turn: audio committed (no typed text), heard as "yes, allow it".
     assert_eq!(fake.events_of_type("input_audio_buffer.commit").len(), 1);
     assert!(
@@ -468,7 +482,7 @@ fn requests_of_several_tasks_are_asked_one_at_a_time_oldest_first() {
     for name in ["build", "deploy"] {
         wait_state(&w, name, "succeeded");
         assert_eq!(
-            results(&w, name)[0]["permission_denials"],
+            results(&w, name, 1)[0]["permission_denials"],
             json!([]),
             "{name}"
         );
@@ -538,6 +552,7 @@ fn the_announcement_says_the_command_short_and_redacted() {
     // The agent itself got the real command once allowed (the redaction is only for speech).
     w.ctl(&["approve", "flaky"]);
     wait_state(&w, "flaky", "succeeded");
+    results(&w, "flaky", 1);
     assert!(
         agent_lines(&w, "flaky")
             .iter()
@@ -557,6 +572,7 @@ fn an_unanswered_request_is_denied_after_the_timeout_and_walkie_says_so() {
         last = w.task("flaky");
         last["state"] == "succeeded"
     }));
+    results(&w, "flaky", 1);
     let told = agent_lines(&w, "flaky")
         .into_iter()
         .find(|l| l["type"] == "user" && l.to_string().contains("tool_result"))
@@ -615,7 +631,7 @@ fn approve_always_and_deny_from_the_command_line() {
     // next turn is not asked about.
     w.ctl(&["continue", "flaky", "again @ask=npm_test"]);
     wait_state(&w, "flaky", "succeeded");
-    assert_eq!(results(&w, "flaky").len(), 2);
+    assert_eq!(results(&w, "flaky", 2).len(), 2);
     let asked = w.log().matches("task flaky asks to run `npm test`").count();
     assert_eq!(asked, 1, "asked again after always:\n{}", w.log());
     // Deny, with a reason the agent sees.
@@ -625,6 +641,7 @@ fn approve_always_and_deny_from_the_command_line() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "denied flaky to run `git push`");
     wait_state(&w, "flaky", "succeeded");
+    results(&w, "flaky", 3);
     assert!(
         agent_lines(&w, "flaky")
             .iter()
@@ -662,7 +679,7 @@ fn message_task_reaches_the_working_agent_at_its_next_step() {
     w.ctl(&["approve", "flaky"]);
     let done = wait_state(&w, "flaky", "succeeded");
     // One turn took both: the message joined it at the tool boundary.
-    let results = results(&w, "flaky");
+    let results = results(&w, "flaky", 1);
     assert_eq!(results.len(), 1, "{results:?}");
     let lines = agent_lines(&w, "flaky");
     let at = |wanted: &dyn Fn(&Value) -> bool| lines.iter().position(wanted);
@@ -709,7 +726,7 @@ fn message_task_with_now_interrupts_the_turn_then_sends_the_text() {
     let done = wait_state(&w, "flaky", "succeeded");
     assert_eq!(done["summary"], "changed course.", "{done}");
     assert_eq!(done["pid"].as_i64(), Some(pid), "the same process");
-    let results = results(&w, "flaky");
+    let results = results(&w, "flaky", 2);
     let subtypes: Vec<&str> = results
         .iter()
         .map(|r| r["subtype"].as_str().unwrap())
@@ -890,7 +907,7 @@ fn message_task_to_a_warm_task_starts_its_next_turn_at_once() {
     }));
     assert_eq!(last["summary"], "two.", "{last}");
     assert_eq!(last["pid"].as_i64(), Some(pid), "the same process: {last}");
-    assert_eq!(results(&w, "flaky").len(), 2);
+    assert_eq!(results(&w, "flaky", 2).len(), 2);
 }
 
 #[test]
@@ -913,7 +930,7 @@ fn the_permission_mode_is_passed_through() {
         "{}",
         cmdline(done["pid"].as_i64().unwrap())
     );
-    assert_eq!(results(&w, "bold")[0]["permission_denials"], json!([]));
+    assert_eq!(results(&w, "bold", 1)[0]["permission_denials"], json!([]));
     assert!(
         !w.log().contains("task bold asks to run"),
         "asked under bypassPermissions:\n{}",
@@ -998,11 +1015,16 @@ fn a_control_request_walkie_does_not_handle_is_answered_with_an_error() {
     let w = started("");
     w.start_task(&["--name", "odd", "hello @control=mcp_message"]);
     wait_state(&w, "odd", "succeeded");
-    let stderr =
-        std::fs::read_to_string(w.path("state/walkie/tasks/odd/stderr.log")).unwrap_or_default();
+    // The agent's stderr comes on another pipe than its result, and reaches the disk on
+    // walkie's writer thread: it may land after the turn is reported over.
+    let mut stderr = String::new();
     assert!(
-        stderr.contains("control request mcp_message answered")
-            && stderr.contains("walkie does not handle"),
+        wait_until(T, || {
+            stderr = std::fs::read_to_string(w.path("state/walkie/tasks/odd/stderr.log"))
+                .unwrap_or_default();
+            stderr.contains("control request mcp_message answered")
+                && stderr.contains("walkie does not handle")
+        }),
         "{stderr}"
     );
 }
