@@ -118,9 +118,10 @@ fn a_corrupt_state_file_is_moved_aside_and_the_daemon_starts() {
     );
     let name = w.start_task(&["@sleep=0"]);
     w.wait_finished(&name, T);
-    assert!(wait_until(T, || w.state_json()["tasks"]
-        .as_array()
-        .is_some_and(|t| t.len() == 1)));
+    // The corrupt file was moved aside: until the writer thread's first save there is none.
+    w.wait_state_json("the task", |s| {
+        s["tasks"].as_array().is_some_and(|t| t.len() == 1)
+    });
     let mode = std::fs::metadata(w.state_file())
         .unwrap()
         .permissions()
@@ -310,7 +311,7 @@ fn a_second_daemon_of_the_same_state_directory_refuses_whatever_its_runtime_dir(
     );
     let t = w.task(&name);
     assert_eq!(t["state"], "running", "{t}");
-    assert_eq!(w.state_json()["tasks"][0]["state"], "running");
+    w.wait_state_json("the running task", |s| s["tasks"][0]["state"] == "running");
     assert_eq!(w.ctl_json(&["status"])["pid"], w.pid());
     let mode = std::fs::metadata(w.path("state/walkie/walkie.lock"))
         .unwrap()

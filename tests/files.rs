@@ -285,12 +285,10 @@ fn a_real_record() -> Value {
     started(&mut w);
     let name = w.start_task(&["--name", "model", "@sleep=0"]);
     w.wait_finished(&name, T);
-    let mut record = Value::Null;
-    assert!(wait_until(T, || {
-        record = w.state_json()["tasks"][0].clone();
-        record["state"] == "succeeded"
-    }));
-    record
+    w.wait_state_json("the finished task", |s| {
+        s["tasks"][0]["state"] == "succeeded"
+    })["tasks"][0]
+        .clone()
 }
 
 #[test]
@@ -415,7 +413,11 @@ fn under_umask_000_every_file_walkie_creates_is_private() {
     );
     let name = w.start_task(&["@sleep=0"]);
     w.wait_finished(&name, T);
-    assert!(wait_until(T, || w.state_file().is_file()));
+    // The save of the finished task: the last one, so no `state.json.tmp` of a later save
+    // can come and go while the directory is listed.
+    w.wait_state_json("the finished task", |s| {
+        s["tasks"][0]["state"] == "succeeded"
+    });
     // Everything under walkie's own state and runtime directories (task logs aside: their
     // writer is the task engine's), and the directories themselves.
     let mut checked = 0;

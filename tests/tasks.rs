@@ -66,14 +66,9 @@ fn start_finish_result() {
             .exists()
     );
     // The state writer runs on its own thread: wait for its save of the finished task.
-    let mut state = serde_json::Value::Null;
-    assert!(
-        wait_until(T, || {
-            state = w.state_json();
-            state["tasks"][0]["state"] == "succeeded"
-        }),
-        "{state}"
-    );
+    let state = w.wait_state_json("the finished task", |s| {
+        s["tasks"][0]["state"] == "succeeded"
+    });
     assert_eq!(state["tasks"][0]["name"], "flaky-test");
 }
 
@@ -237,10 +232,7 @@ fn cancel_reaches_an_agent_that_ignores_signals_and_its_escaped_grandchild() {
     assert_eq!(t["state"], "cancelled", "{t}");
     assert!(!alive(agent), "agent {agent} survived");
     assert!(!alive(grandchild), "grandchild {grandchild} survived");
-    let id = w.state_json()["tasks"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = t["id"].as_str().unwrap().to_string();
     assert!(processes_with_env(&format!("WALKIE_TASK={id}")).is_empty());
     assert!(zombies_of(w.pid()).is_empty());
     // A cancel of a finished task is refused clearly.
@@ -272,12 +264,13 @@ fn sigterm_of_the_daemon_stops_every_task_and_leaves_a_valid_state_file() {
     let cwd = w.task_cwd(&a);
     assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
-    let ids: Vec<String> = w.state_json()["tasks"]
-        .as_array()
-        .unwrap()
+    // From walkie itself: its state file may not have both tasks yet.
+    let ids: Vec<String> = w
+        .tasks()
         .iter()
         .map(|t| t["id"].as_str().unwrap().to_string())
         .collect();
+    assert_eq!(ids.len(), 2);
     w.signal(Signal::SIGTERM);
     assert_eq!(w.wait_exit(T), Some(0), "{}", w.log());
     assert!(!alive(grandchild));
@@ -308,6 +301,10 @@ fn after_sigkill_a_restart_marks_tasks_interrupted_and_stops_the_orphans() {
     assert!(wait_until(T, || cwd.join("grandchild.pid").exists()));
     let grandchild = read_pid(&cwd.join("grandchild.pid")).unwrap();
     let agent = w.task(&name)["pid"].as_i64().unwrap() as i32;
+    // What the restart reads: the task's save, made on walkie's writer thread.
+    w.wait_state_json("the running task", |s| {
+        s["tasks"][0]["name"] == name.as_str() && s["tasks"][0]["state"] == "running"
+    });
     w.signal(Signal::SIGKILL);
     w.wait_exit(T);
     // The agent ignores the SIGTERM of its parent-death signal; both live on, orphaned.

@@ -562,6 +562,27 @@ cancel_grace_ms = 1000
             .unwrap_or_else(|e| panic!("state file is not valid JSON ({e}): {text}"))
     }
 
+    /// Waits until the state file holds what `pred` looks for; returns it. walkie saves
+    /// it on its own thread (with an fsync), after `ctl` already reports the change, and a
+    /// fresh home has no file at all until the first save: never read it once and assume.
+    pub fn wait_state_json(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(Duration::from_secs(30), || {
+            if !self.state_file().exists() {
+                return false;
+            }
+            // Saved by a rename: a file that is there is whole.
+            last = self.state_json();
+            pred(&last)
+        });
+        assert!(
+            ok,
+            "the state file never had {what}: {last}\n{}",
+            self.log()
+        );
+        last
+    }
+
     /// The working directory of a task (scratch dir).
     pub fn task_cwd(&self, name: &str) -> PathBuf {
         PathBuf::from(self.task(name)["cwd"].as_str().unwrap())
