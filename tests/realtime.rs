@@ -32,6 +32,15 @@ fn connected(
     (w, fake)
 }
 
+/// The complete lines of a trace file, parsed (each must be JSON).
+fn trace_lines(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
 fn types(events: &[(u64, Value)]) -> Vec<String> {
     events
         .iter()
@@ -63,7 +72,13 @@ fn a_typed_turn_starts_a_task_and_its_completion_is_announced_once_idle() {
         "{:?}",
         types(&events)
     );
-    assert!(fake.state()["turn_detection_null"].as_bool().unwrap());
+    // The fake records an event before it handles it and publishes its state after: the
+    // session.update in the record file may not be in `state` yet.
+    assert!(
+        wait_until(T, || fake.state()["turn_detection_null"] == true),
+        "{}",
+        fake.state()
+    );
     let (code, _, err) = w.ctl(&[
         "say",
         "please start fixing the flaky test @sleep=2 @text=the_test_is_fixed",
@@ -242,23 +257,26 @@ fn a_completion_waits_for_the_active_response_to_end() {
     w.wait_finished(&name, T);
     fake.wait_events(T, "the announcement", |_| !system_texts(&fake).is_empty());
     // In walkie's trace: the system message went out only after the story's response.done.
-    let trace: Vec<Value> = std::fs::read_to_string(w.path("trace.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // walkie flushes its trace at the end of a loop iteration, after the send: the fake
+    // can have the message before the trace file does.
+    let is_system = |l: &Value| {
+        l["dir"] == "out"
+            && l["event"]["type"] == "conversation.item.create"
+            && l["event"]["item"]["role"] == "system"
+    };
+    let mut trace: Vec<Value> = Vec::new();
+    assert!(
+        wait_until(T, || {
+            trace = trace_lines(&w.path("trace.jsonl"));
+            trace.iter().any(is_system)
+        }),
+        "the system message never reached the trace"
+    );
     let done = trace
         .iter()
         .position(|l| l["dir"] == "in" && l["event"]["type"] == "response.done")
         .expect("story done");
-    let sys = trace
-        .iter()
-        .position(|l| {
-            l["dir"] == "out"
-                && l["event"]["type"] == "conversation.item.create"
-                && l["event"]["item"]["role"] == "system"
-        })
-        .unwrap();
+    let sys = trace.iter().position(is_system).unwrap();
     assert!(
         sys > done,
         "announced during the story (done at line {done}, system at {sys})"
