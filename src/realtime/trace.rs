@@ -71,9 +71,15 @@ impl Trace {
         if self.failed {
             return;
         }
-        let res = serde_json::to_writer(&mut self.out, value)
-            .map_err(io::Error::from)
-            .and_then(|()| self.out.write_all(b"\n"));
+        // The whole line in one write to the buffer: when it does not fit, the buffer goes
+        // to the file first, so a reader of the file (a test, `tail -f`) never sees half
+        // a line.
+        let mut line = match serde_json::to_vec(value) {
+            Ok(line) => line,
+            Err(e) => return log::error!("trace file: {e}; line skipped"),
+        };
+        line.push(b'\n');
+        let res = self.out.write_all(&line);
         if let Err(e) = res {
             log::error!("trace file: {e}; tracing stops");
             self.failed = true;
