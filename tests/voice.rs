@@ -168,6 +168,29 @@ impl Rig {
     }
 }
 
+/// Waits until the model has answered `answers` times and walkie has played it all out:
+/// the answers are in the transcript, no response is active and the speaker has taken
+/// every queued frame. (A fixed sleep is too short on a starved machine; the speaker file
+/// holds only what was played before the stop.)
+fn wait_answers_played(w: &Walkie, answers: usize) {
+    let (mut said, mut st) = (0, Value::Null);
+    let ok = wait_until(T, || {
+        said = w
+            .ctl_json(&["transcript"])
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|e| e["role"] == "assistant").count());
+        st = w.ctl_json(&["status"]);
+        said >= answers
+            && st["conversation"]["active_response"].is_null()
+            && st["conversation"]["playing"] == false
+    });
+    assert!(
+        ok,
+        "{said} of {answers} answer(s) played: {st}\n{}",
+        w.log()
+    );
+}
+
 /// Where `needle` starts in `hay`.
 fn find(hay: &[i16], needle: &[i16]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
@@ -229,7 +252,7 @@ fn a_spoken_turn_reaches_the_model_whole_and_the_answer_reaches_the_speaker() {
         .ctl_json(&["transcript"])
         .to_string()
         .contains("please fix the flaky test")));
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_answers_played(&r.w, 1);
     r.stop();
     let out = r.speaker();
     let reply = speech(24_000);
@@ -338,7 +361,12 @@ fn barge_in_silences_playback_cancels_and_truncates_to_what_was_heard() {
         .events_of_type("conversation.item.truncate")
         .remove(0);
     let end_ms = truncate["audio_end_ms"].as_u64().unwrap();
-    let st = r.fake.state();
+    // The fake records an event before it handles it, and publishes its state after.
+    let mut st = Value::Null;
+    assert!(wait_until(T, || {
+        st = r.fake.state();
+        !st["truncations"][0].is_null()
+    }));
     assert_eq!(
         st["truncations"][0]["audio_end_ms"], end_ms,
         "the server accepted it: {st}"
@@ -404,14 +432,16 @@ fn earcons_play_when_enabled_and_not_when_disabled() {
         r.w.ctl(&["press"]);
         std::thread::sleep(Duration::from_millis(600));
         r.w.ctl(&["release"]);
-        std::thread::sleep(Duration::from_millis(1500));
+        // The answer plays out first: the chime must not be mixed with its speech.
+        wait_answers_played(&r.w, 1);
         // A finished task's chime, before its announcement.
         let name = r.w.start_task(&["@sleep=0"]);
         r.w.wait_finished(&name, T);
         r.fake.wait_events(T, "the announcement", |ev| {
             ev.iter().any(|(_, e)| e["item"]["role"] == "system")
         });
-        std::thread::sleep(Duration::from_millis(1500));
+        // The chime went to the speaker before the announcement; its answer plays after.
+        wait_answers_played(&r.w, 2);
         r.stop();
         let out = r.speaker();
         for e in [Earcon::Press, Earcon::Release, Earcon::TaskDone] {
@@ -634,7 +664,7 @@ fn the_wav_backend_runs_the_voice_loop() {
         ev.iter()
             .any(|(_, e)| e["type"] == "input_audio_buffer.commit")
     });
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_answers_played(&w, 1);
     w.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(w.wait_exit(T), Some(0));
     let sent = {

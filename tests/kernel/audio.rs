@@ -417,7 +417,12 @@ kernel_test! {
         let allowed = xruns(&g, PLAYBACK) + speaker.xruns() - before;
         let truncate = g.fake.events_of_type("conversation.item.truncate").remove(0);
         let end_ms = truncate["audio_end_ms"].as_u64().unwrap() as i64;
-        let st = g.fake.state();
+        // The fake records an event before it handles it, and publishes its state after.
+        let mut st = Value::Null;
+        assert!(poll(T, || {
+            st = g.fake.state();
+            !st["truncations"][0].is_null()
+        }));
         assert_eq!(st["truncations"][0]["audio_end_ms"], end_ms, "accepted: {st}");
 
         let recorded = speaker.samples();
