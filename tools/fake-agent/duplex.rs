@@ -362,7 +362,7 @@ impl<W: Write> Duplex<W> {
                 .map_err(|e| Stop::Output(io::Error::other(format!("signal handlers: {e}"))))?;
         self.signals = Some(signals);
         if let Some(path) = &first_directives.pidfile {
-            std::fs::write(self.cwd.join(path), format!("{}\n", std::process::id()))?;
+            run::write_whole(&self.cwd.join(path), &format!("{}\n", std::process::id()))?;
         }
         if let Some(text) = &first_directives.stderr {
             eprintln!("{text}");

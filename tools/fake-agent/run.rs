@@ -476,7 +476,7 @@ pub fn spawn_grandchild(cwd: &Path) -> Exchange {
                 return Err(io::Error::other("the sleeper did not start"));
             }
             let pid = child.id();
-            std::fs::write(cwd.join("grandchild.pid"), format!("{pid}\n"))?;
+            write_whole(&cwd.join("grandchild.pid"), &format!("{pid}\n"))?;
             Ok(pid)
         });
     match started {
@@ -491,6 +491,15 @@ pub fn spawn_grandchild(cwd: &Path) -> Exchange {
         },
         Err(e) => Exchange::failed("Bash", input, format!("cannot start the sleeper: {e}")),
     }
+}
+
+/// Writes a pid file under another name and renames it into place: tests poll for the
+/// file and read it at once, and must never find it created but still empty.
+pub fn write_whole(path: &Path, text: &str) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// `--sleep-forever [--setsid]`: the grandchild's whole life.
@@ -574,7 +583,7 @@ pub fn main(options: Options) -> i32 {
         }
     };
     if let Some(path) = &d.pidfile
-        && let Err(e) = std::fs::write(cwd.join(path), format!("{}\n", std::process::id()))
+        && let Err(e) = write_whole(&cwd.join(path), &format!("{}\n", std::process::id()))
     {
         eprintln!("fake-agent: cannot write pid file {}: {e}", path.display());
         return 1;
