@@ -104,14 +104,20 @@ fn ready_status_watchdog_and_stopping_reach_the_notify_socket() {
         m == "STATUS=link disabled; 1 task(s) running"
     });
     w.wait_finished(&name, Duration::from_secs(20));
-    let msgs = socket.messages();
-    let back = msgs
-        .iter()
-        .rposition(|m| m == "STATUS=link disabled; 0 task(s) running");
-    let running = msgs
-        .iter()
-        .position(|m| m == "STATUS=link disabled; 1 task(s) running");
-    assert!(back > running, "{msgs:?}");
+    // walkie sends its status line at the end of the loop iteration that may already have
+    // answered `ctl tasks`, and this test's receiver thread takes it from the socket after.
+    let mut msgs = Vec::new();
+    let back_after_running = wait_until(Duration::from_secs(20), || {
+        msgs = socket.messages();
+        let back = msgs
+            .iter()
+            .rposition(|m| m == "STATUS=link disabled; 0 task(s) running");
+        let running = msgs
+            .iter()
+            .position(|m| m == "STATUS=link disabled; 1 task(s) running");
+        back > running
+    });
+    assert!(back_after_running, "{msgs:?}");
 
     // The watchdog: pinged at half WATCHDOG_USEC, never as late as WATCHDOG_USEC.
     assert!(wait_until(Duration::from_secs(20), || socket
