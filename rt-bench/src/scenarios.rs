@@ -3,7 +3,7 @@
 //! events), and turns the instants the bench, the server, the microphone and — where no
 //! outside view exists — the probe recorded into distributions.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -268,7 +268,16 @@ impl Bench {
         let pressed = s.key(true)?;
         std::thread::sleep(self.plan.hold);
         s.key(false)?;
-        std::thread::sleep(Duration::from_millis(200));
+        // The turn's audio is all in once its commit is: a subject starved on a busy
+        // machine can send the hold's appends well after the release.
+        let end = Instant::now() + Duration::from_secs(10);
+        while server
+            .first_event("input_audio_buffer.commit", pressed)
+            .is_none()
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let d = mic_wire(&server, &dev.mic, pressed + 200_000_000);
         self.push("mic_wire", Some(device), None, (which, false), "ms", &d);
         let (_, _, log) = s.stop(Duration::from_secs(10));
