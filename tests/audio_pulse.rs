@@ -426,3 +426,59 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
     let _ = player.kill();
     let _ = player.wait();
 }
+
+/// A "sound server" that accepts connections and never answers (a wedged PulseAudio or
+/// PipeWire): every connection is kept open and counted.
+fn silent_server(socket: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for conn in listener.incoming().flatten() {
+            kept.push(conn);
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    accepted
+}
+
+#[test]
+fn a_sound_server_that_never_answers_fails_the_capture_in_bounded_time_and_never_holds_the_stop() {
+    use std::sync::atomic::Ordering;
+    let base = tempfile::tempdir().unwrap();
+    let socket = base.path().join("native");
+    let accepted = silent_server(&socket);
+    let (mut w, _fake) = pulse_walkie(&format!("unix:{}", socket.display()));
+    // The open gives up after its 5 s and says why; the link and the control socket never
+    // waited for it.
+    let status = wait_capture(&w, "failed");
+    assert!(
+        status["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("PulseAudio did not answer within 5 s")),
+        "{status}"
+    );
+    assert_eq!(w.ctl_json(&["status"])["link"], "connected");
+    // walkie tries again (after its backoff) and the server hangs again: a stop now must
+    // not wait out the open's timeout. (libpulse may connect more than once per open.)
+    let before = accepted.load(Ordering::SeqCst);
+    assert!(before >= 1, "walkie never connected to the server");
+    assert!(
+        wait_until(T, || accepted.load(Ordering::SeqCst) > before),
+        "walkie never tried the server again: {}",
+        capture_status(&w)
+    );
+    let asked = Instant::now();
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.wait_exit(T), Some(0), "{}", w.log());
+    let took = asked.elapsed();
+    // The open's timeout is 5 s; walkie checks for the stop every 50 ms while it waits.
+    assert!(
+        took < Duration::from_millis(2500),
+        "the stop waited {took:?} for a sound server that never answers\n{}",
+        w.log()
+    );
+    assert!(!w.log().contains("given up"), "{}", w.log());
+}

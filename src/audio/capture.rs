@@ -124,7 +124,14 @@ impl CaptureWorker {
                 }
             }
             CaptureSource::Pulse(name) => {
-                let mut dev = PulseSource::open(&name, self.period_frames)?;
+                let shared = &self.ctx.shared;
+                let mut dev =
+                    match PulseSource::open(&name, self.period_frames, &|| shared.stopping()) {
+                        Ok(dev) => dev,
+                        // Given up on for the stop: nothing to report.
+                        Err(_) if shared.stopping() => return Ok(()),
+                        Err(e) => return Err(e),
+                    };
                 let mut buf = vec![0i16; self.period_frames];
                 let shown = format!("pulse:{}", dev.device_name().unwrap_or(name));
                 self.ctx.opened(&shown);

@@ -52,15 +52,20 @@ pub struct PulseSource {
 impl PulseSource {
     /// Records from `source` ("" or "default": the server's default source) with
     /// fragments of one period until told the thread is idle. Blocks up to a few seconds
-    /// when the server does not answer: call it outside the period loop.
-    pub fn open(source: &str, period_frames: usize) -> Result<PulseSource, String> {
+    /// when the server does not answer, or until `cancelled` (checked every 50 ms): call it
+    /// outside the period loop.
+    pub fn open(
+        source: &str,
+        period_frames: usize,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<PulseSource, String> {
         let period_bytes = u32::try_from(period_frames * 2).unwrap_or(u32::MAX);
         let source = match source.trim() {
             "" | "default" => None,
             name => Some(name),
         };
         Ok(PulseSource {
-            record: Record::open(source, period_bytes, bytes_for(MAX_QUEUED))?,
+            record: Record::open(source, period_bytes, bytes_for(MAX_QUEUED), cancelled)?,
             period_bytes,
             idle: false,
         })
@@ -116,6 +121,6 @@ impl CaptureDevice for PulseSource {
 /// `walkie doctor`: opens a record stream on `source` the way the capture thread does and
 /// closes it; `Ok` names the source the server chose.
 pub fn probe(source: &str, period_frames: usize) -> Result<String, String> {
-    let src = PulseSource::open(source, period_frames)?;
+    let src = PulseSource::open(source, period_frames, &|| false)?;
     Ok(src.device_name().unwrap_or_else(|| source.to_owned()))
 }

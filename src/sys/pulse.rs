@@ -13,6 +13,12 @@ use crate::voice::SAMPLE_RATE;
 /// How long opening (connect, create the stream) may take before it counts as failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often an open that waits for the server asks whether to give up.
+const CANCEL_CHECK: Duration = Duration::from_millis(50);
+
+/// The error of an open given up on (walkie is stopping).
+const CANCELLED: &str = "PulseAudio open given up: walkie is stopping";
+
 const PA_CONTEXT_NOAUTOSPAWN: c_int = 1;
 const PA_CONTEXT_READY: c_int = 4;
 const PA_CONTEXT_FAILED: c_int = 5;
@@ -195,11 +201,14 @@ impl Record {
     /// one) and records from `source` (None: the server's default source, followed when it
     /// changes; a named source is kept, never moved from), asking for
     /// fragments of `fragment_bytes`, the server keeping at most `max_bytes` unread. Blocks
-    /// up to [`OPEN_TIMEOUT`].
+    /// up to [`OPEN_TIMEOUT`], or until `cancelled` says to give up (asked every
+    /// [`CANCEL_CHECK`]; a server that accepts the connection and never answers must not
+    /// hold walkie's stop).
     pub fn open(
         source: Option<&str>,
         fragment_bytes: u32,
         max_bytes: u32,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Record, String> {
         let device = match source {
             None => None,
@@ -247,7 +256,7 @@ impl Record {
             match unsafe { (lib.context_get_state)(me.context) } {
                 PA_CONTEXT_READY => break,
                 PA_CONTEXT_FAILED | PA_CONTEXT_TERMINATED => return Err(me.connect_error()),
-                _ => me.iterate_until(deadline)?,
+                _ => me.iterate_until(deadline, cancelled)?,
             }
         }
         let spec = SampleSpec {
@@ -293,7 +302,7 @@ impl Record {
             match unsafe { (lib.stream_get_state)(me.stream) } {
                 PA_STREAM_READY => return Ok(me),
                 PA_STREAM_FAILED | PA_STREAM_TERMINATED => return Err(me.record_error(source)),
-                _ => me.iterate_until(deadline)?,
+                _ => me.iterate_until(deadline, cancelled)?,
             }
         }
     }
@@ -310,7 +319,14 @@ impl Record {
     }
 
     /// One main-loop iteration, waiting at most until `deadline` (opening only).
-    fn iterate_until(&mut self, deadline: Instant) -> Result<(), String> {
+    fn iterate_until(
+        &mut self,
+        deadline: Instant,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
+        if cancelled() {
+            return Err(CANCELLED.into());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!(
@@ -318,7 +334,7 @@ impl Record {
                 OPEN_TIMEOUT.as_secs()
             ));
         }
-        let us = left.as_micros().min(100_000) as c_int;
+        let us = left.min(CANCEL_CHECK).as_micros() as c_int;
         if self.iterate_for(us) {
             Ok(())
         } else {
@@ -523,7 +539,7 @@ mod tests {
 
     #[test]
     fn a_source_name_libpulse_cannot_take_is_a_clear_error() {
-        let error = match Record::open(Some("mic\0monitor"), 480, 96_000) {
+        let error = match Record::open(Some("mic\0monitor"), 480, 96_000, &|| false) {
             Ok(_) => panic!("opened a source whose name has a NUL"),
             Err(e) => e,
         };
