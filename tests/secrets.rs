@@ -227,7 +227,7 @@ fn collect(mut child: Child) -> std::thread::JoinHandle<String> {
 
 #[test]
 fn no_secret_an_agent_prints_leaves_walkie() {
-    let (w, fake) = connected("max_running = 4");
+    let (mut w, fake) = connected("max_running = 4");
     let messages: Vec<&str> = LEAKS
         .iter()
         .flat_map(|l| l.messages.iter().copied())
@@ -300,24 +300,7 @@ fn no_secret_an_agent_prints_leaves_walkie() {
         events_text.contains("\"finished\"") && events_text.contains("done-leak"),
         "{events_text}"
     );
-    let mut places: Vec<(String, String)> = vec![
-        (
-            "sent to the model (fake-realtime's record)".into(),
-            std::fs::read_to_string(&fake.record).unwrap(),
-        ),
-        (
-            "the trace".into(),
-            std::fs::read_to_string(w.path("trace.jsonl")).unwrap(),
-        ),
-        ("walkie's log".into(), w.log()),
-        (
-            "state.json".into(),
-            std::fs::read_to_string(w.state_file()).unwrap(),
-        ),
-        ("ctl logs --follow".into(), follow.join().unwrap()),
-        ("ctl events".into(), events_text),
-        ("ctl logs of the running task".into(), running_logs),
-    ];
+    let mut places: Vec<(String, String)> = Vec::new();
     for args in [
         &["tasks"][..],
         &["tasks", "--json"],
@@ -334,12 +317,37 @@ fn no_secret_an_agent_prints_leaves_walkie() {
         assert_eq!(code, 0, "ctl {args:?}: {err}");
         places.push((format!("ctl {}", args.join(" ")), out + &err));
     }
+    // The files as walkie leaves them: stopped, so every save and the trace's last
+    // flush are in.
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(w.wait_exit(T), Some(0), "{}", w.log());
+    let files: Vec<(String, String)> = vec![
+        (
+            "sent to the model (fake-realtime's record)".into(),
+            std::fs::read_to_string(&fake.record).unwrap(),
+        ),
+        (
+            "the trace".into(),
+            std::fs::read_to_string(w.path("trace.jsonl")).unwrap(),
+        ),
+        ("walkie's log".into(), w.log()),
+        (
+            "state.json".into(),
+            std::fs::read_to_string(w.state_file()).unwrap(),
+        ),
+    ];
+    // The outputs were not simply empty: the redacted output made it through.
+    for (place, text) in &files {
+        assert!(text.contains("[redacted]"), "{place}: {text}");
+    }
+    places.extend(files);
+    places.extend([
+        ("ctl logs --follow".into(), follow.join().unwrap()),
+        ("ctl events".into(), events_text),
+        ("ctl logs of the running task".into(), running_logs),
+    ]);
     for (place, text) in &places {
         assert_clean(place, text);
-    }
-    // The outputs were not simply empty: the redacted output made it through.
-    for (place, text) in &places[..4] {
-        assert!(text.contains("[redacted]"), "{place}: {text}");
     }
     let summary = done["summary"].as_str().unwrap();
     assert!(
