@@ -313,6 +313,7 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(700));
         }
 
+        let answers_end = now_ns();
         // Barge-ins: press while a 2 s answer plays.
         let mut presses = Vec::new();
         for _ in 0..self.plan.barge_ins {
@@ -332,6 +333,10 @@ impl Bench {
         let (_, probe, log) = s.stop(Duration::from_secs(10));
 
         let (ring, devw) = playback_latencies(&probe, &reports);
+        if let Some(note) = ring_shortfall(&probe, &reports, answers_end) {
+            self.notes
+                .push(format!("wire→ring {device} {}: {note}", which.name()));
+        }
         let mut barge = Dist::new();
         let mut cancel = Dist::new();
         let mut no_cancel = 0;
@@ -714,6 +719,42 @@ fn playback_latencies(probe: &Probe, reports: &[(u64, SpeakReport)]) -> (Dist, D
     (ring, dev)
 }
 
+/// Whether every answer's samples were all in the playback ring before the next answer
+/// began. wire→ring pairs each delta with the first push that brings the ring's running
+/// count to the delta's, so samples missing from one answer would pair its last deltas
+/// with the next answer's pushes (a "latency" of the pause between answers): this names
+/// the answers where the count fell short, so such an outlier is not read as a late loop.
+fn ring_shortfall(
+    probe: &Probe,
+    reports: &[(u64, SpeakReport)],
+    answers_end: u64,
+) -> Option<String> {
+    let rings = probe.get("ring").map(Vec::as_slice).unwrap_or_default();
+    let mut short = Vec::new();
+    for (k, (offset, report)) in reports.iter().enumerate() {
+        let expected = offset + report.deltas.last().map_or(0, |d| d.1);
+        let next = reports
+            .get(k + 1)
+            .and_then(|(_, r)| r.deltas.first())
+            .map_or(answers_end, |d| d.0);
+        let pushed = rings
+            .iter()
+            .filter(|r| r.t_ns < next)
+            .map(|r| r.a)
+            .max()
+            .unwrap_or(0);
+        if pushed != expected {
+            short.push(format!("answer {}: {pushed} of {expected}", k + 1));
+        }
+    }
+    (!short.is_empty()).then(|| {
+        format!(
+            "the ring's sample count before the next answer differs from what was sent ({})",
+            short.join(", ")
+        )
+    })
+}
+
 /// Least-squares slope of (seconds, MiB) points, in MiB per minute.
 fn slope_per_min(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
@@ -733,6 +774,7 @@ fn slope_per_min(points: &[(f64, f64)]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subject::ProbeRec;
 
     #[test]
     fn slope_of_a_line() {
@@ -741,5 +783,40 @@ mod tests {
             .collect();
         assert!((slope_per_min(&pts) - 1.0).abs() < 1e-9);
         assert_eq!(slope_per_min(&[(0.0, 1.0)]), 0.0);
+    }
+
+    fn rec(t_ns: u64, a: u64) -> ProbeRec {
+        ProbeRec { t_ns, a, b: 0 }
+    }
+
+    #[test]
+    fn a_ring_short_of_an_answer_is_named() {
+        // Two answers of 960 samples in two deltas each, sent at 0/10 and 1000/1010.
+        let report = |t: u64| SpeakReport {
+            deltas: vec![(t, 480), (t + 10, 960)],
+            cancelled: false,
+        };
+        let reports = vec![(0, report(0)), (960, report(1000))];
+        let whole: Probe = [(
+            "ring".to_string(),
+            vec![rec(5, 480), rec(15, 960), rec(1005, 1440), rec(1015, 1920)],
+        )]
+        .into();
+        assert_eq!(ring_shortfall(&whole, &reports, 2000), None);
+        // The first answer's second delta never reached the ring.
+        let short: Probe = [(
+            "ring".to_string(),
+            vec![rec(5, 480), rec(1005, 960), rec(1015, 1440)],
+        )]
+        .into();
+        let note = ring_shortfall(&short, &reports, 2000).unwrap();
+        assert!(
+            note.contains("answer 1: 480 of 960") && note.contains("answer 2: 1440 of 1920"),
+            "{note}"
+        );
+        // What is pushed after the answers (the barge-in phase) is not counted.
+        let mut later = whole.clone();
+        later.get_mut("ring").unwrap().push(rec(3000, 5000));
+        assert_eq!(ring_shortfall(&later, &reports, 2000), None);
     }
 }
