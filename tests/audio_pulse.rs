@@ -203,6 +203,16 @@ fn talk_and_hear(w: &Walkie, fake: &FakeRealtime, mic: &[i16], when: &str) {
     );
 }
 
+/// Once the capture is back: a signal into `mic`, and a turn that must carry it.
+fn hear_again(pulse: &Pulse, dir: &Path, w: &Walkie, fake: &FakeRealtime, when: &str) {
+    let mic = mic_signal(0x2545_F491, 24_000 * 20);
+    let mut player = pulse.play_into_mic(&mic, dir);
+    wait_capture(w, "ok");
+    talk_and_hear(w, fake, &mic, when);
+    let _ = player.kill();
+    let _ = player.wait();
+}
+
 /// Waits until the capture's state is `state` and returns its status.
 fn wait_capture(w: &Walkie, state: &str) -> serde_json::Value {
     assert!(
@@ -329,12 +339,7 @@ fn no_sound_server_is_a_clear_status_and_walkie_records_once_one_comes_and_after
     );
     // And back: the microphone works again.
     let pulse = Pulse::start(&pulse_dir);
-    let mic = mic_signal(0x2545_F491, 24_000 * 20);
-    let mut player = pulse.play_into_mic(&mic, base.path());
-    wait_capture(&w, "ok");
-    talk_and_hear(&w, &fake, &mic, "after the server came back");
-    let _ = player.kill();
-    let _ = player.wait();
+    hear_again(&pulse, base.path(), &w, &fake, "after the server came back");
 }
 
 #[test]
@@ -419,12 +424,7 @@ fn a_source_removed_while_walkie_records_fails_the_capture_only_and_it_comes_bac
             "format=s16le",
         ])
         .unwrap();
-    let mic = mic_signal(0x2545_F491, 24_000 * 20);
-    let mut player = pulse.play_into_mic(&mic, base.path());
-    wait_capture(&w, "ok");
-    talk_and_hear(&w, &fake, &mic, "after the source came back");
-    let _ = player.kill();
-    let _ = player.wait();
+    hear_again(&pulse, base.path(), &w, &fake, "after the source came back");
 }
 
 /// A "sound server" that accepts connections and never answers (a wedged PulseAudio or

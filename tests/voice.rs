@@ -9,7 +9,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use serde_json::{Value, json};
 use walkie::voice::Earcon;
@@ -156,15 +155,7 @@ impl Rig {
     }
 
     fn appended_audio(&self) -> Vec<i16> {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        self.fake
-            .events_of_type("input_audio_buffer.append")
-            .iter()
-            .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
-            .collect::<Vec<u8>>()
-            .chunks_exact(2)
-            .map(|c| i16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        crate::common::appended_samples(&self.fake)
     }
 }
 
@@ -675,16 +666,10 @@ fn the_wav_backend_runs_the_voice_loop() {
     wait_answers_played(&w, 1);
     w.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(w.wait_exit(T), Some(0));
-    let sent = {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        fake.events_of_type("input_audio_buffer.append")
-            .iter()
-            .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
-            .collect::<Vec<u8>>()
-    };
-    let first = i16::from_le_bytes([sent[0], sent[1]]);
+    let sent = appended_samples(&fake);
+    let first = sent[0];
     let start = (0..PATTERN_PERIOD as usize).find(|&n| mic_sample(n) == first);
-    let ms = sent.len() / 48;
+    let ms = sent.len() / 24;
     assert!(
         (250 + held..=300 + held + 200).contains(&ms),
         "pre-roll + {held} ms held: {ms} ms (first sample index {start:?})"

@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::common::{FakeRealtime, Walkie};
@@ -224,15 +223,7 @@ impl Guest {
 
     /// The audio sent in `input_audio_buffer.append` events, in order.
     pub fn appended_audio(&self) -> Vec<i16> {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        self.fake
-            .events_of_type("input_audio_buffer.append")
-            .iter()
-            .flat_map(|e| b64.decode(e["audio"].as_str().unwrap()).unwrap())
-            .collect::<Vec<u8>>()
-            .chunks_exact(2)
-            .map(|c| i16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        crate::common::appended_samples(&self.fake)
     }
 
     /// Stops walkie with SIGTERM and waits for a clean exit.
